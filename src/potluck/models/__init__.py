@@ -1,1 +1,28 @@
-"""potluck.models"""
+"""Model layer: block spans, client parts, KV cache and checkpoint loading for supported architectures."""
+
+from potluck.models.client_parts import ClientParts
+from potluck.models.kv_cache import KVCache, KVCacheOverflowError
+from potluck.models.loading import CheckpointError, load_client_parts, load_config, load_span
+from potluck.models.local import CausalLMOutput, LocalCausalLM
+from potluck.models.registry import SUPPORTED_MODEL_TYPES, ModelFamily, get_family
+from potluck.models.span import BlockSpan
+from potluck.models.spec import ModelSpec, RopeSpec, UnsupportedModelError
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "BlockSpan",
+    "CausalLMOutput",
+    "CheckpointError",
+    "ClientParts",
+    "KVCache",
+    "KVCacheOverflowError",
+    "LocalCausalLM",
+    "ModelFamily",
+    "ModelSpec",
+    "RopeSpec",
+    "UnsupportedModelError",
+    "get_family",
+    "load_client_parts",
+    "load_config",
+    "load_span",
+]

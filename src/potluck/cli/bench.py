@@ -1,0 +1,169 @@
+"""``potluck bench``: benchmarks over a loopback swarm of real processes; each returns one JSON-able dict."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+from potluck.cli.local_swarm import LocalSwarm
+
+logger = logging.getLogger(__name__)
+
+
+def _even_spans(num_blocks: int, servers: int) -> list[tuple[int, int]]:
+    bounds = [round(i * num_blocks / servers) for i in range(servers + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(servers)]
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
+
+
+def _decode_loop(step: Any, head_and_embed: Any, first_ids: torch.Tensor, new_tokens: int) -> tuple[float, list[float]]:
+    """Greedy decode: returns (prefill seconds, per-step seconds), each including embeddings and LM head."""
+    embed, head = head_and_embed
+    t0 = time.perf_counter()
+    logits = head(step(embed(first_ids)))[:, -1]  # [B, V]
+    prefill = time.perf_counter() - t0
+    steps = []
+    for _ in range(new_tokens - 1):
+        t0 = time.perf_counter()
+        next_id = logits.argmax(-1, keepdim=True)  # [B, 1]
+        logits = head(step(embed(next_id)))[:, -1]
+        steps.append(time.perf_counter() - t0)
+    return prefill, steps
+
+
+def bench_inference(args: argparse.Namespace) -> dict[str, Any]:
+    from potluck import AutoDistributedModelForCausalLM
+    from potluck.cli.sample_models import bench_model_path
+    from potluck.models import LocalCausalLM, load_config
+
+    model_path = args.model or bench_model_path()
+    num_blocks = int(load_config(model_path).num_hidden_layers)
+    spans = _even_spans(num_blocks, args.servers)
+    torch.manual_seed(0)
+    vocab = int(load_config(model_path).vocab_size)
+    prompt = torch.randint(0, vocab, (1, args.prompt_tokens))
+    max_length = args.prompt_tokens + args.new_tokens
+    with tempfile.TemporaryDirectory(prefix="potluck-bench-") as logs, LocalSwarm(logs) as swarm:
+        swarm.start_bootstrap()
+        procs = [swarm.start_server(model_path, s, wait=False, extra_args=["--throughput", "100"]) for s in spans]
+        swarm.wait_ready(procs)
+        model = AutoDistributedModelForCausalLM.from_pretrained(
+            model_path,
+            initial_peers=swarm.initial_peers,
+            compression=args.compression,
+            emulated_hop_delay=args.hop_delay_ms / 1000,
+            load_tokenizer=False,
+        )
+        try:
+            with torch.inference_mode(), model.inference_session(max_length=max_length) as session:
+                parts = model.client
+                prefill, steps = _decode_loop(
+                    lambda h: session.step(parts.pre_blocks(h)), (parts.embed, parts.head), prompt, args.new_tokens
+                )
+                route = [f"{h.peer_id[-8:]}[{h.hop.start}:{h.hop.end}]" for h in session.remote.hops]
+        finally:
+            model.shutdown()
+        local = LocalCausalLM.from_pretrained(model_path)
+        with torch.inference_mode():
+            cache = local.new_cache(1, max_length)
+            local_prefill, local_steps = _decode_loop(
+                lambda h: local.span(local.client.pre_blocks(h), cache=cache),
+                (local.client.embed, local.client.head),
+                prompt,
+                args.new_tokens,
+            )
+    swarm_step = statistics.median(steps)
+    local_step = statistics.median(local_steps)
+    return {
+        "bench": "inference",
+        "model": model_path,
+        "servers": len(spans),
+        "spans": [list(s) for s in spans],
+        "route": route,
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "hop_delay_ms": args.hop_delay_ms,
+        "compression": args.compression,
+        "prefill_ms": _ms(prefill),
+        "local_prefill_ms": _ms(local_prefill),
+        "swarm_step_ms": _ms(swarm_step),
+        "swarm_step_mean_ms": _ms(statistics.mean(steps)),
+        "local_step_ms": _ms(local_step),
+        "local_step_mean_ms": _ms(statistics.mean(local_steps)),
+        "step_ratio": round(swarm_step / local_step, 3),
+        "overhead_per_token_ms": _ms(swarm_step - local_step),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def bench_failover(args: argparse.Namespace) -> dict[str, Any]:
+    from potluck import AutoDistributedModelForCausalLM
+    from potluck.cli.sample_models import bench_model_path
+    from potluck.client.generation import GenerationParams, generate_tokens
+    from potluck.models import LocalCausalLM, load_config
+
+    model_path = args.model or bench_model_path()
+    config = load_config(model_path)
+    n = int(config.num_hidden_layers)
+    torch.manual_seed(0)
+    prompt = torch.randint(0, int(config.vocab_size), (1, args.prompt_tokens))
+    max_length = args.prompt_tokens + args.new_tokens
+    token_times: list[float] = []
+    kill_time: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="potluck-bench-") as logs, LocalSwarm(logs) as swarm:
+        swarm.start_bootstrap()
+        spans = [(0, n // 2), (n // 2, n), (n // 2, n)]
+        procs = [swarm.start_server(model_path, s, wait=False) for s in spans]
+        swarm.wait_ready(procs)
+        model = AutoDistributedModelForCausalLM.from_pretrained(
+            model_path, initial_peers=swarm.initial_peers, load_tokenizer=False
+        )
+        try:
+            with model.inference_session(max_length=max_length) as session:
+
+                class Clock:
+                    def put(self, value: Any) -> None:
+                        token_times.append(time.perf_counter())
+                        if len(token_times) == args.kill_after + 1:  # +1: the prompt comes first
+                            victim = next(p for p in procs if p.peer_id == session.remote.hops[-1].peer_id)
+                            kill_time.append(time.perf_counter())
+                            swarm.kill(victim)
+
+                    def end(self) -> None:
+                        pass
+
+                out = model.generate(prompt, max_new_tokens=args.new_tokens, streamer=Clock())
+                failovers = session.remote.failovers
+        finally:
+            model.shutdown()
+        local = LocalCausalLM.from_pretrained(model_path)
+        cache = local.new_cache(1, max_length)
+        params = GenerationParams.from_kwargs(None, max_new_tokens=args.new_tokens)
+        with torch.inference_mode():
+            expected = generate_tokens(lambda ids: local.step(ids, cache)[:, -1], prompt, params)
+    gaps = [b - a for a, b in zip(token_times[1:], token_times[2:], strict=False)]
+    kill_index = args.kill_after  # token_times[kill_index] is when the victim died (just after that token)
+    recovery = token_times[kill_index + 1] - kill_time[0]
+    normal = statistics.median(gaps[: kill_index - 1] + gaps[kill_index + 1 :])
+    replayed = args.prompt_tokens + args.kill_after
+    return {
+        "bench": "failover",
+        "model": model_path,
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "killed_after_tokens": args.kill_after,
+        "failovers": failovers,
+        "failure_to_next_token_ms": _ms(recovery),
+        "normal_step_ms": _ms(normal),
+        "replayed_tokens": replayed,
+        "output_matches_local": bool(torch.equal(out, expected)),
+    }

@@ -1,0 +1,41 @@
+"""The client's typed configuration; every field is also a keyword of ``from_pretrained``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    initial_peers: tuple[str, ...] = ()  # multiaddrs of swarm peers to join through (a bootstrap's address)
+    model_prefix: str | None = None  # DHT name of the model; default derived from the checkpoint name
+    host: str = "127.0.0.1"  # interface for the client's own p2pd (clients take no incoming connections)
+    startup_timeout: float = 30.0  # seconds to start p2pd and join the DHT
+    update_period: float = 30.0  # refresh the swarm view from the DHT this often in the background
+    connect_timeout: float = 10.0  # opening a stream to a server and its first reply
+    step_timeout: float = 30.0  # a step unanswered this long marks the server as failed (frozen)
+    request_timeout: float = 300.0  # one forward/backward call
+    max_retries: int = 8  # failovers allowed within one step / call before giving up
+    ban_base: float = 5.0  # a failed server is avoided this long, doubled on each repeat failure
+    ban_max: float = 300.0  # cap on a ban's length
+    wait_for_servers: float = 60.0  # with no route, wait this long for servers to appear, then raise
+    alloc_timeout: float = 30.0  # how long a server may queue our session for KV-cache room
+    compression: str = "none"  # compression of hidden states we send and receive: none | fp16 | bf16 | int8
+    max_replay_tokens: int = 4096  # replay history to a replacement server in steps of at most this many tokens
+    allowed_servers: tuple[str, ...] = ()  # if set, route only through these peer ids
+    blocked_servers: tuple[str, ...] = ()  # never route through these peer ids
+    show_route: bool = False  # log each route chosen
+    emulated_hop_delay: float = 0.0  # benchmarks only: sleep this long (s) before each send and after each reply
+
+    @classmethod
+    def split_kwargs(cls, kwargs: dict[str, Any]) -> tuple[ClientConfig, dict[str, Any]]:
+        """Take this config's fields out of ``kwargs``; return (config, remaining kwargs)."""
+        names = {f.name for f in fields(cls)}
+        mine = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+        for key in ("initial_peers", "allowed_servers", "blocked_servers"):
+            if key in mine and isinstance(mine[key], str):
+                mine[key] = (mine[key],)
+            if key in mine:
+                mine[key] = tuple(str(x) for x in mine[key])
+        return cls(**mine), kwargs

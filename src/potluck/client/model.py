@@ -1,0 +1,273 @@
+"""The HF-style client: a causal LM whose transformer blocks live in the swarm.
+
+    from potluck import AutoDistributedModelForCausalLM
+    model = AutoDistributedModelForCausalLM.from_pretrained("org/model", initial_peers=[...])
+    out = model.generate(input_ids, max_new_tokens=32)
+
+The client loads only the embeddings, final norm and LM head; every forward, generation step and backward
+goes through servers found in the DHT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from potluck.client.config import ClientConfig
+from potluck.client.generation import GenerationParams, generate_tokens
+from potluck.client.inference import RemoteInferenceSession
+from potluck.client.loop import LoopThread, shared_loop
+from potluck.client.remote_blocks import RemoteBlocks, RemoteBlocksFunction
+from potluck.client.swarm_view import SwarmView
+from potluck.models import load_client_parts, load_config
+from potluck.swarm.records import model_prefix_for
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor  # [B, T, V]
+    loss: torch.Tensor | None = None
+
+
+class InferenceSession:
+    """A sync handle over ``RemoteInferenceSession`` that also remembers the token ids it has processed."""
+
+    def __init__(self, model: DistributedModelForCausalLM, remote: RemoteInferenceSession):
+        self.model = model
+        self.remote = remote
+        self.token_ids: torch.Tensor | None = None  # [B, position] tokens already in the servers' caches
+
+    @property
+    def position(self) -> int:
+        return self.remote.position
+
+    @property
+    def max_length(self) -> int:
+        return self.remote.max_length
+
+    def step(self, hidden: torch.Tensor, position: int | None = None) -> torch.Tensor:
+        """Hidden states [B, T, H] through all remote blocks, using and extending the servers' caches."""
+        cfg = self.model.client_config
+        timeout = (cfg.step_timeout + cfg.connect_timeout) * (cfg.max_retries + 2) + cfg.wait_for_servers
+        return self.model.loop.run(self.remote.step(hidden, position=position), timeout=timeout)
+
+    def close(self) -> None:
+        self.model.loop.run(self.remote.close(), timeout=10)
+
+
+_active_session: contextvars.ContextVar[InferenceSession | None] = contextvars.ContextVar(
+    "potluck_active_session", default=None
+)
+
+
+class DistributedModelForCausalLM(nn.Module):
+    """Client parts (embeddings, final norm, LM head) + the swarm's blocks."""
+
+    def __init__(
+        self,
+        name_or_path: str,
+        hf_config: Any,
+        client_parts: nn.Module,
+        view: SwarmView,
+        client_config: ClientConfig,
+        loop: LoopThread,
+        tokenizer: Any = None,
+    ):
+        super().__init__()
+        self.name_or_path = name_or_path
+        self.config = hf_config
+        self.client = client_parts
+        self.view = view
+        self.client_config = client_config
+        self.loop = loop
+        self.tokenizer = tokenizer
+        self.blocks = RemoteBlocks(view)
+        self._closed = False
+
+    # --- construction / teardown -------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        *,
+        torch_dtype: torch.dtype | str = torch.float32,
+        device: str = "cpu",
+        revision: str | None = None,
+        token: str | None = None,
+        load_tokenizer: bool = True,
+        **kwargs: Any,
+    ) -> DistributedModelForCausalLM:
+        client_config, rest = ClientConfig.split_kwargs(dict(kwargs))
+        if rest:
+            raise TypeError(f"unknown from_pretrained arguments: {sorted(rest)}")
+        dtype = getattr(torch, torch_dtype) if isinstance(torch_dtype, str) else torch_dtype
+        hf_config = load_config(name_or_path, revision=revision, token=token)
+        parts = load_client_parts(name_or_path, dtype=dtype, device=device, revision=revision, token=token)
+        parts.requires_grad_(False)
+        tokenizer = _load_tokenizer(name_or_path, revision, token) if load_tokenizer else None
+        prefix = client_config.model_prefix or model_prefix_for(name_or_path)
+        loop = shared_loop()
+        view = loop.run(
+            SwarmView.create(client_config, prefix, int(hf_config.num_hidden_layers)),
+            timeout=client_config.startup_timeout + 30,
+        )
+        return cls(name_or_path, hf_config, parts, view, client_config, loop, tokenizer)
+
+    def shutdown(self) -> None:
+        """Stop this client's p2pd and DHT node."""
+        if not self._closed:
+            self._closed = True
+            self.loop.run(self.view.close(), timeout=15)
+
+    def __enter__(self) -> DistributedModelForCausalLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # --- forward (no cache) ----------------------------------------------------------------------------
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.client.get_input_embeddings()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **_ignored: Any,
+    ) -> CausalLMOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            assert input_ids is not None
+            inputs_embeds = self.client.embed(input_ids)  # [B, T, H]
+        hidden = self.client.pre_blocks(inputs_embeds)  # [B, T, H]
+        hidden = RemoteBlocksFunction.apply(hidden, self.blocks, self.loop)  # [B, T, H]
+        logits = self.client.head(hidden)  # [B, T, V]
+        loss = None
+        if labels is not None:
+            shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # [B*(T-1), V]
+            shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)  # [B*(T-1)]
+            loss = nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+        return CausalLMOutput(logits=logits, loss=loss)
+
+    # --- inference sessions ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def inference_session(self, max_length: int, batch_size: int = 1) -> Iterator[InferenceSession]:
+        """Servers keep KV caches for up to ``max_length`` tokens; ``generate`` calls inside continue it."""
+        remote = RemoteInferenceSession(self.view, max_length=max_length, batch_size=batch_size)
+        timeout = self.client_config.wait_for_servers + self.client_config.connect_timeout * 4 + 30
+        self.loop.run(remote.open(), timeout=timeout)
+        session = InferenceSession(self, remote)
+        reset = _active_session.set(session)
+        try:
+            yield session
+        finally:
+            _active_session.reset(reset)
+            session.close()
+
+    @property
+    def active_session(self) -> InferenceSession | None:
+        return _active_session.get()
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_ids: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int | None = None,
+        max_length: int | None = None,
+        streamer: Any = None,
+        session: InferenceSession | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """HF-compatible generation (greedy, sampling, repetition penalty, eos/stop, streamers).
+
+        Inside ``inference_session``, ``input_ids`` may either repeat the tokens already processed (they are
+        skipped) or hold only new tokens, which continue the conversation; the result is the session's whole
+        token sequence.
+        """
+        session = session or self.active_session
+        if input_ids is None:
+            if session is None or session.token_ids is None:
+                raise ValueError("input_ids is required outside a session that already holds tokens")
+            input_ids = session.token_ids  # continue the session's sequence
+        input_ids = input_ids.to(torch.long)
+        prior = session.token_ids if session is not None and session.token_ids is not None else None
+        if prior is not None and not _starts_with(input_ids, prior):
+            input_ids = torch.cat([prior, input_ids.to(prior.device)], dim=1)
+        already = session.position if session is not None else 0  # tokens the servers' caches hold
+        if max_new_tokens is None:
+            max_new_tokens = (max_length - input_ids.shape[1]) if max_length is not None else 20
+        params = GenerationParams.from_kwargs(
+            getattr(self, "generation_config", None), max_new_tokens=max_new_tokens, **kwargs
+        )
+        if params.eos_token_id is None and kwargs.get("eos_token_id") is None:
+            eos = getattr(self.config, "eos_token_id", None)
+            if eos is not None:
+                params = GenerationParams.from_kwargs(None, max_new_tokens=max_new_tokens, eos_token_id=eos, **kwargs)
+        if session is None:
+            with self.inference_session(input_ids.shape[1] + max_new_tokens, batch_size=input_ids.shape[0]) as s:
+                return self._generate_in(s, input_ids, 0, params, streamer)
+        if input_ids.shape[1] < already:
+            raise RuntimeError(f"the session holds {already} tokens but only {input_ids.shape[1]} were given")
+        return self._generate_in(session, input_ids, already, params, streamer)
+
+    def _generate_in(
+        self,
+        session: InferenceSession,
+        input_ids: torch.Tensor,
+        already: int,
+        params: GenerationParams,
+        streamer: Any,
+    ) -> torch.Tensor:
+        first = True
+
+        def step(new_ids: torch.Tensor) -> torch.Tensor:
+            nonlocal first
+            position = None
+            ids = new_ids[:, already:] if first else new_ids  # the first call repeats the known prefix
+            if ids.shape[1] == 0:  # nothing new: recompute the last known token (rolls the caches back by one)
+                ids, position = new_ids[:, -1:], session.position - 1
+            first = False
+            embeds = self.client.embed(ids)  # [B, t, H]
+            hidden = session.step(self.client.pre_blocks(embeds), position=position)  # [B, t, H]
+            return self.client.head(hidden[:, -1:])[:, -1]  # [B, V]
+
+        out = generate_tokens(step, input_ids, params, streamer=streamer, tokenizer=self.tokenizer)
+        session.token_ids = out
+        return out
+
+
+def _starts_with(ids: torch.Tensor, prefix: torch.Tensor) -> bool:
+    return ids.shape[1] >= prefix.shape[1] and bool((ids[:, : prefix.shape[1]] == prefix.to(ids.device)).all())
+
+
+def _load_tokenizer(name_or_path: str, revision: str | None, token: str | None) -> Any:
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(name_or_path, revision=revision, token=token)
+    except Exception as e:  # many test checkpoints have no tokenizer: generation still works on ids
+        logger.debug("no tokenizer for %s: %s", name_or_path, e)
+        return None
+
+
+class AutoDistributedModelForCausalLM:
+    """Entry point mirroring transformers' Auto classes."""
+
+    @staticmethod
+    def from_pretrained(name_or_path: str, **kwargs: Any) -> DistributedModelForCausalLM:
+        return DistributedModelForCausalLM.from_pretrained(name_or_path, **kwargs)

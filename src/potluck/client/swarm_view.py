@@ -1,0 +1,151 @@
+"""The client's view of the swarm: a fresh snapshot of DHT records, measured RTTs, and bans.
+
+Routing itself is pure (``potluck.swarm.routing``); this class only gathers its inputs and keeps them fresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+from potluck.client.config import ClientConfig
+from potluck.swarm.records import SwarmSnapshot, block_key
+from potluck.swarm.routing import MissingBlocksError, RouteHop, find_forward_route, find_inference_route
+from potluck.swarm.transport import NodeOptions, SwarmNode
+
+logger = logging.getLogger(__name__)
+
+RTT_SMOOTHING = 0.3  # weight of a new RTT sample in the moving average
+
+
+@dataclass
+class Ban:
+    until: float
+    strikes: int
+
+
+class SwarmView:
+    """Owns the client's swarm node; all methods run on the client loop."""
+
+    def __init__(self, node: SwarmNode, config: ClientConfig, model_prefix: str, num_blocks: int):
+        self.node = node
+        self.config = config
+        self.model_prefix = model_prefix
+        self.num_blocks = num_blocks
+        self.snapshot = SwarmSnapshot.from_block_entries(model_prefix, num_blocks, {}, now=time.time())
+        self.rtts: dict[str, float] = {}
+        self.bans: dict[str, Ban] = {}
+        self._refreshed_at = -math.inf
+        self._refresh_lock = asyncio.Lock()
+        self._updater: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def create(cls, config: ClientConfig, model_prefix: str, num_blocks: int) -> SwarmView:
+        if not config.initial_peers:
+            raise ValueError("initial_peers is empty: pass the multiaddr a bootstrap peer printed")
+        node = await SwarmNode.create(
+            NodeOptions(
+                initial_peers=config.initial_peers,
+                host=config.host,
+                client_mode=True,
+                startup_timeout=config.startup_timeout,
+            )
+        )
+        view = cls(node, config, model_prefix, num_blocks)
+        try:
+            await view.refresh()
+        except Exception:
+            await node.shutdown()
+            raise
+        view._updater = asyncio.create_task(view._update_loop())
+        return view
+
+    async def close(self) -> None:
+        if self._updater is not None:
+            self._updater.cancel()
+        await self.node.shutdown()
+
+    # --- snapshot ------------------------------------------------------------------------------------
+
+    async def refresh(self, *, min_age: float = 0.0) -> SwarmSnapshot:
+        """Re-read every block's records from the DHT (skipped if the view is younger than ``min_age``)."""
+        async with self._refresh_lock:
+            if time.monotonic() - self._refreshed_at < min_age:
+                return self.snapshot
+            keys = [block_key(self.model_prefix, b) for b in range(self.num_blocks)]
+            found = await self.node.get_many(keys, timeout=self.config.connect_timeout)
+            entries = {b: found.get(key, {}) for b, key in enumerate(keys)}
+            self.snapshot = SwarmSnapshot.from_block_entries(
+                self.model_prefix, self.num_blocks, entries, now=SwarmNode.now()
+            )
+            self._refreshed_at = time.monotonic()
+            return self.snapshot
+
+    async def _update_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.update_period)
+            try:
+                await self.refresh()
+            except Exception as e:
+                logger.debug("background swarm refresh failed: %s", e)
+
+    # --- health ---------------------------------------------------------------------------------------
+
+    def record_rtt(self, peer_id: str, seconds: float) -> None:
+        old = self.rtts.get(peer_id)
+        self.rtts[peer_id] = seconds if old is None else (1 - RTT_SMOOTHING) * old + RTT_SMOOTHING * seconds
+
+    def ban(self, peer_id: str, reason: str) -> float:
+        """Avoid ``peer_id`` for a while, doubling the time on each repeated failure; returns the ban length."""
+        prior = self.bans.get(peer_id)
+        strikes = 1 if prior is None else prior.strikes + 1
+        length = min(self.config.ban_base * 2 ** (strikes - 1), self.config.ban_max)
+        self.bans[peer_id] = Ban(until=time.monotonic() + length, strikes=strikes)
+        logger.warning("banning server %s for %.0fs: %s", peer_id[-8:], length, reason)
+        return length
+
+    def clear_ban(self, peer_id: str) -> None:
+        self.bans.pop(peer_id, None)
+
+    def excluded(self) -> set[str]:
+        now = time.monotonic()
+        out = {p for p, ban in self.bans.items() if ban.until > now}
+        out.update(self.config.blocked_servers)
+        if self.config.allowed_servers:
+            out.update(p for p in self.snapshot.servers if p not in self.config.allowed_servers)
+        return out
+
+    # --- routes ----------------------------------------------------------------------------------------
+
+    async def route(self, start: int, end: int, *, batch_tokens: int, inference: bool) -> list[RouteHop]:
+        """The best chain over [start, end); waits up to ``wait_for_servers`` for missing blocks."""
+        deadline = time.monotonic() + self.config.wait_for_servers
+        delay = 0.25
+        while True:
+            try:
+                if inference:
+                    hops = find_inference_route(
+                        self.snapshot, start, end, rtts=self.rtts, batch_tokens=batch_tokens, banned=self.excluded()
+                    )
+                else:
+                    hops = find_forward_route(self.snapshot, start, end, rtts=self.rtts, banned=self.excluded())
+                if self.config.show_route:
+                    logger.info("route %d:%d: %s", start, end, format_route(hops))
+                return hops
+            except MissingBlocksError:
+                if time.monotonic() >= deadline:
+                    raise
+            # Servers join by announcing in the DHT, which has no push: poll it, backing off, until the deadline.
+            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 2.0)
+            try:
+                await self.refresh()
+            except Exception as e:
+                logger.debug("swarm refresh failed while waiting for servers: %s", e)
+
+
+def format_route(hops: list[RouteHop]) -> str:
+    return " -> ".join(f"{h.peer_id[-8:]}[{h.start}:{h.end}]" for h in hops)

@@ -1,0 +1,58 @@
+"""The parts of a model the client keeps: word embeddings, (BLOOM) embedding norm, final norm and LM head."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from potluck.models.registry import ModelFamily
+from potluck.models.spec import ModelSpec
+
+
+class ClientParts(nn.Module):
+    """Embeddings in, logits out; the blocks in between run elsewhere.
+
+    Parameter names are family-independent (``embed_tokens``, ``embed_norm``, ``norm``, ``lm_head``); the
+    family's ``client_tensor_names`` maps them to checkpoint names. With tied embeddings there is no ``lm_head``
+    module and :meth:`head` multiplies by the embedding matrix.
+    """
+
+    def __init__(self, spec: ModelSpec, family: ModelFamily) -> None:
+        super().__init__()
+        self.spec = spec
+        self.family = family
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size, padding_idx=_padding_idx(spec))
+        self.embed_norm: nn.Module | None = family.make_embed_norm(spec) if family.make_embed_norm else None
+        self.norm = family.make_final_norm(spec)
+        self.lm_head: nn.Linear | None = (
+            None if spec.tie_word_embeddings else nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        )
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Raw word embeddings ``[B, T, hidden]`` (HF's ``inputs_embeds``)."""
+        return self.embed_tokens(input_ids)  # [B, T, hidden]
+
+    def pre_blocks(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """Hidden states entering block 0: BLOOM normalises the embeddings, Llama-style models do nothing."""
+        if self.embed_norm is None:
+            return inputs_embeds
+        return self.embed_norm(inputs_embeds)  # [B, T, hidden]
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head: ``[B, T, hidden]`` -> logits ``[B, T, vocab]``."""
+        hidden = self.norm(hidden)  # [B, T, hidden]
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight  # [V, hidden]
+        return F.linear(hidden, weight)  # [B, T, V]
+
+
+def _padding_idx(spec: ModelSpec) -> int | None:
+    # HF Llama-style embeddings pass config.pad_token_id as padding_idx (its row gets no gradient); BLOOM does not.
+    if spec.family != "llama" or spec.pad_token_id is None:
+        return None
+    if not 0 <= spec.pad_token_id < spec.vocab_size:
+        return None
+    return spec.pad_token_id

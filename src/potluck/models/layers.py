@@ -1,0 +1,146 @@
+"""Math shared by the model families: norms, rotary embeddings, masks and the attention call."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from potluck.models.spec import RopeSpec
+
+# ``enable_gqa`` (torch >= 2.5) lets SDPA broadcast KV heads without materialising repeated keys, which matters
+# for long caches; older torch gets an explicit repeat.
+_SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+
+class RMSNorm(nn.Module):
+    """Llama RMSNorm; normalises in fp32 and casts back before the weight, exactly like transformers."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        input_dtype = x.dtype
+        x32 = x.float()  # [B, T, H]
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)  # [B, T, H]
+        return self.weight * x32.to(input_dtype)  # [B, T, H]
+
+
+@dataclass
+class AttnInputs:
+    """Per-forward data shared by all blocks of a span: positions, rotary tables, masks.
+
+    Built once per span forward so that every block reuses the same tensors.
+    """
+
+    offset: int  # absolute position of the first new token
+    q_len: int  # number of new tokens T
+    cos: torch.Tensor | None = None  # [T, D] rotary cos (RoPE models)
+    sin: torch.Tensor | None = None  # [T, D]
+    bias: torch.Tensor | None = None  # [1, H, T, S] additive bias incl. -inf masking (ALiBi models)
+    _masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict)
+    device: torch.device | None = None
+
+    @property
+    def kv_len(self) -> int:
+        return self.offset + self.q_len
+
+    def mask(self, window: int | None) -> tuple[torch.Tensor | None, bool]:
+        """Boolean attention mask ``[T, S]`` (True = attend) for a block with sliding ``window``, or ``is_causal``.
+
+        Returns ``(None, True)`` where SDPA's built-in causal mask is exact (no cache offset, no effective window)
+        and ``(None, False)`` where nothing needs masking (one query that may see every key).
+        """
+        o, t, s = self.offset, self.q_len, self.kv_len
+        window_active = window is not None and window < s
+        if not window_active:
+            if t == 1:
+                return None, False
+            if o == 0:
+                return None, True
+        if window not in self._masks:
+            q_pos = torch.arange(o, s, device=self.device)[:, None]  # [T, 1]
+            k_pos = torch.arange(s, device=self.device)[None, :]  # [1, S]
+            allowed = k_pos <= q_pos  # [T, S]
+            if window is not None:
+                # same convention as transformers' sliding_window_overlay: kv_idx > q_idx - window
+                allowed = allowed & (k_pos > q_pos - window)
+            self._masks[window] = allowed
+        return self._masks[window], False
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """SDPA over ``q [B, H, T, D]`` and ``k, v [B, KVH, S, D]``; returns ``[B, H, T, D]``."""
+    num_heads, num_kv_heads = q.shape[1], k.shape[1]
+    if num_heads != num_kv_heads:
+        if _SDPA_HAS_GQA:
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=True
+            )
+        k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)  # [B, H, S, D]
+        v = v.repeat_interleave(num_heads // num_kv_heads, dim=1)  # [B, H, S, D]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+
+
+def rope_inv_freq(rope: RopeSpec, head_dim: int, seq_len: int, device: torch.device | None) -> torch.Tensor:
+    """Inverse frequencies ``[D/2]`` in fp32, matching transformers' ROPE_INIT_FUNCTIONS for our rope types.
+
+    ``seq_len`` is the total length the current forward covers (cache + new tokens); only dynamic NTK uses it.
+    """
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim  # [D/2]
+    base = rope.theta
+    if rope.rope_type == "dynamic" and seq_len > rope.max_position_embeddings:
+        # Dynamic NTK: grow the base once the sequence exceeds the trained length. transformers recomputes this
+        # statefully (a cache of the longest length seen); computing it from the current length gives the same
+        # frequencies as long as a sequence only grows, which is the case within one generation.
+        scale = (rope.factor * seq_len / rope.max_position_embeddings) - (rope.factor - 1)
+        base = base * scale ** (head_dim / (head_dim - 2))
+    inv_freq = 1.0 / (base**exponents)  # [D/2]
+    if rope.rope_type == "linear":
+        inv_freq = inv_freq / rope.factor
+    elif rope.rope_type == "llama3":
+        low_freq_wavelen = rope.original_max_position_embeddings / rope.low_freq_factor
+        high_freq_wavelen = rope.original_max_position_embeddings / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq  # [D/2]
+        # long wavelengths are interpolated (divided by factor), short ones kept, the middle band blended
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / rope.factor, inv_freq)  # [D/2]
+        smooth = (rope.original_max_position_embeddings / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor
+        )  # [D/2]
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled  # [D/2]
+        is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)  # [D/2]
+        inv_freq = torch.where(is_medium, smoothed, scaled)  # [D/2]
+    return inv_freq
+
+
+def rope_cos_sin(
+    rope: RopeSpec, head_dim: int, offset: int, q_len: int, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables ``[T, D]`` for positions ``offset..offset+T-1`` (fp32 math, cast like transformers)."""
+    inv_freq = rope_inv_freq(rope, head_dim, offset + q_len, device)  # [D/2]
+    positions = torch.arange(offset, offset + q_len, device=device).float()  # [T]
+    freqs = positions[:, None] * inv_freq[None, :]  # [T, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [B, H, T, D]`` by tables ``[T, D]`` (HF's half-split layout, not interleaved pairs)."""
+    return x * cos + rotate_half(x) * sin  # [B, H, T, D]

@@ -1,0 +1,146 @@
+"""Llama-style decoder blocks: Llama 2/3/3.1, Mistral, Qwen2.
+
+Pre-norm RMSNorm blocks with rotary attention (MHA or GQA) and a gated SiLU MLP. Differences handled here:
+
+* Qwen2 has biases on q/k/v (not on o); Llama's ``attention_bias`` puts biases on all four projections.
+* Mistral (and Qwen2 with ``use_sliding_window``) restrict attention to a sliding window. We keep a full KV cache
+  and mask keys older than the window, which gives exactly transformers' results (HF's sliding cache only
+  drops keys that the mask hides anyway); at lengths below the window this is plain causal attention.
+* RoPE scaling types default / linear / dynamic / llama3 (see :func:`potluck.models.layers.rope_inv_freq`).
+
+Parameter names inside a block match the HF checkpoint names after the ``model.layers.{i}.`` prefix, so a block's
+``state_dict`` keys tell the loader which tensors to read.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from potluck.models.kv_cache import KVCache
+from potluck.models.layers import AttnInputs, RMSNorm, apply_rope, attention, rope_cos_sin
+from potluck.models.spec import ModelSpec, UnsupportedModelError, rope_spec_from_config
+
+_ACTIVATIONS = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+def spec_from_config(config: Any) -> ModelSpec:
+    model_type = config.model_type
+    num_heads = config.num_attention_heads
+    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    num_blocks = config.num_hidden_layers
+    hidden_act = getattr(config, "hidden_act", "silu")
+    if hidden_act not in _ACTIVATIONS:
+        raise UnsupportedModelError(f"hidden_act {hidden_act!r} is not supported")
+
+    if model_type == "qwen2":
+        qkv_bias, o_bias = True, False
+    else:
+        qkv_bias = o_bias = bool(getattr(config, "attention_bias", False))
+
+    windows: tuple[int | None, ...] = ()
+    sliding_window = getattr(config, "sliding_window", None)
+    if model_type == "mistral" and sliding_window is not None:
+        windows = (int(sliding_window),) * num_blocks
+    elif model_type == "qwen2" and sliding_window is not None:
+        layer_types = getattr(config, "layer_types", None) or ["full_attention"] * num_blocks
+        windows = tuple(int(sliding_window) if t == "sliding_attention" else None for t in layer_types)
+
+    return ModelSpec(
+        model_type=model_type,
+        family="llama",
+        num_blocks=num_blocks,
+        hidden_size=config.hidden_size,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        vocab_size=config.vocab_size,
+        intermediate_size=config.intermediate_size,
+        norm_eps=float(config.rms_norm_eps),
+        tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        hidden_act=hidden_act,
+        rope=rope_spec_from_config(config),
+        qkv_bias=qkv_bias,
+        o_bias=o_bias,
+        mlp_bias=bool(getattr(config, "mlp_bias", False)),
+        sliding_windows=windows,
+        pad_token_id=getattr(config, "pad_token_id", None),
+        max_position_embeddings=int(getattr(config, "max_position_embeddings", 2048) or 2048),
+    )
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, spec: ModelSpec, window: int | None) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.window = window
+        hidden = spec.hidden_size
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=spec.qkv_bias)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=spec.qkv_bias)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=spec.qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=spec.o_bias)
+
+    def forward(
+        self, x: torch.Tensor, inputs: AttnInputs, cache: KVCache | None, cache_index: int
+    ) -> torch.Tensor:
+        bsz, seq, _ = x.shape
+        q = self.q_proj(x).view(bsz, seq, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(x).view(bsz, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, KVH, T, D]
+        v = self.v_proj(x).view(bsz, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, KVH, T, D]
+        assert inputs.cos is not None and inputs.sin is not None
+        q = apply_rope(q, inputs.cos, inputs.sin)  # [B, H, T, D]
+        k = apply_rope(k, inputs.cos, inputs.sin)  # [B, KVH, T, D]
+        if cache is not None:
+            k, v = cache.write(cache_index, k, v)  # [B, KVH, L+T, D]
+        mask, is_causal = inputs.mask(self.window)
+        out = attention(q, k, v, mask, is_causal)  # [B, H, T, D]
+        out = out.transpose(1, 2).reshape(bsz, seq, self.num_heads * self.head_dim)  # [B, T, H*D]
+        return self.o_proj(out)  # [B, T, hidden]
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
+        self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
+        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
+        self.act = _ACTIVATIONS[spec.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))  # [B, T, hidden]
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, spec: ModelSpec, index: int) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(spec, spec.sliding_window(index))
+        self.mlp = LlamaMLP(spec)
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.norm_eps)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.norm_eps)
+
+    def forward(
+        self, x: torch.Tensor, inputs: AttnInputs, cache: KVCache | None = None, cache_index: int = 0
+    ) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), inputs, cache, cache_index)  # [B, T, hidden]
+        return h + self.mlp(self.post_attention_layernorm(h))  # [B, T, hidden]
+
+
+def make_attn_inputs(
+    spec: ModelSpec, offset: int, q_len: int, device: torch.device, dtype: torch.dtype
+) -> AttnInputs:
+    assert spec.rope is not None
+    cos, sin = rope_cos_sin(spec.rope, spec.head_dim, offset, q_len, device, dtype)  # [T, D] each
+    return AttnInputs(offset=offset, q_len=q_len, cos=cos, sin=sin, device=device)
+
+
+def make_final_norm(spec: ModelSpec) -> nn.Module:
+    return RMSNorm(spec.hidden_size, spec.norm_eps)

@@ -1,0 +1,136 @@
+"""A contiguous run of transformer blocks: the unit a server holds and serves."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from potluck.models.kv_cache import KVCache
+from potluck.models.registry import ModelFamily
+from potluck.models.spec import ModelSpec
+
+
+class BlockSpan(nn.Module):
+    """Blocks ``start..end-1`` (absolute indices) of a model.
+
+    ``forward(hidden)`` without a cache runs positions ``0..T-1`` with causal attention and supports autograd
+    (training, prompt tuning). With a cache the new tokens sit at positions ``cache.length..cache.length+T-1``:
+    their keys/values are written into the cache, attention covers the cached prefix plus the new tokens, and
+    ``cache.length`` advances by ``T`` after all blocks ran.
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        family: ModelFamily,
+        start: int,
+        end: int,
+        blocks: nn.ModuleList | None = None,
+    ) -> None:
+        super().__init__()
+        check_block_range(spec, start, end)
+        self.spec = spec
+        self.family = family
+        self.start = start
+        self.end = end
+        if blocks is None:
+            blocks = nn.ModuleList(family.make_block(spec, i) for i in range(start, end))
+        if len(blocks) != end - start:
+            raise ValueError(f"expected {end - start} blocks for span [{start}, {end}), got {len(blocks)}")
+        self.blocks = blocks
+
+    @property
+    def num_blocks(self) -> int:
+        return self.end - self.start
+
+    def extra_repr(self) -> str:
+        return f"model_type={self.spec.model_type}, start={self.start}, end={self.end}"
+
+    def _param_dtype_device(self) -> tuple[torch.dtype, torch.device]:
+        param = next(self.parameters())
+        return param.dtype, param.device
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cache: KVCache | None = None,
+        prompts: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run ``hidden [B, T, hidden]`` through the blocks; returns ``[B, T, hidden]``.
+
+        ``prompts [num_blocks, B or 1, P, hidden]`` (deep prompt tuning): before block ``i``, ``prompts[i]`` is
+        added to the hidden states at absolute positions ``0..P-1`` (only the part of those positions that this
+        call covers, so a cached decode step past the prefix is unaffected).
+        """
+        if hidden.dim() != 3 or hidden.shape[-1] != self.spec.hidden_size:
+            raise ValueError(f"hidden must be [batch, seq, {self.spec.hidden_size}], got {tuple(hidden.shape)}")
+        bsz, seq, _ = hidden.shape
+        offset = 0
+        if cache is not None:
+            if cache.num_blocks != self.num_blocks:
+                raise ValueError(f"cache holds {cache.num_blocks} blocks, span has {self.num_blocks}")
+            if cache.batch_size != bsz:
+                raise ValueError(f"cache batch size {cache.batch_size} != hidden batch size {bsz}")
+            if cache.dtype != hidden.dtype:
+                raise ValueError(f"cache dtype {cache.dtype} != hidden dtype {hidden.dtype}")
+            cache.check_room(seq)
+            offset = cache.length
+        if seq == 0:
+            return hidden
+        if prompts is not None and (prompts.dim() != 4 or prompts.shape[0] != self.num_blocks):
+            raise ValueError(
+                f"prompts must be [{self.num_blocks}, batch, prefix_len, hidden], got {tuple(prompts.shape)}"
+            )
+
+        inputs = self.family.make_attn_inputs(self.spec, offset, seq, hidden.device, hidden.dtype)
+        for i, block in enumerate(self.blocks):
+            if prompts is not None:
+                hidden = _add_prompt(hidden, prompts[i], offset)  # [B, T, hidden]
+            hidden = block(hidden, inputs, cache, i)  # [B, T, hidden]
+        if cache is not None:
+            cache.advance(seq)
+        return hidden
+
+    def new_cache(
+        self,
+        batch_size: int,
+        max_length: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> KVCache:
+        """Allocate a cache for this span; dtype/device default to the span's parameters."""
+        param_dtype, param_device = self._param_dtype_device()
+        return KVCache.allocate(
+            self.spec,
+            self.num_blocks,
+            batch_size,
+            max_length,
+            dtype=dtype or param_dtype,
+            device=device if device is not None else param_device,
+        )
+
+    def slice(self, start: int, end: int) -> BlockSpan:
+        """A span over blocks ``start..end-1`` (absolute indices) sharing this span's parameters."""
+        if not self.start <= start < end <= self.end:
+            raise ValueError(f"slice [{start}, {end}) is not a non-empty sub-range of [{self.start}, {self.end})")
+        blocks = nn.ModuleList(self.blocks[start - self.start : end - self.start])
+        return BlockSpan(self.spec, self.family, start, end, blocks)
+
+
+def check_block_range(spec: ModelSpec, start: int, end: int) -> None:
+    """Raise ValueError unless ``0 <= start < end <= spec.num_blocks``."""
+    if not (isinstance(start, int) and isinstance(end, int)) or not 0 <= start < end <= spec.num_blocks:
+        raise ValueError(
+            f"invalid block range [{start}, {end}): need 0 <= start < end <= num_blocks ({spec.num_blocks})"
+        )
+
+
+def _add_prompt(hidden: torch.Tensor, prompt: torch.Tensor, offset: int) -> torch.Tensor:
+    """Add ``prompt [B, P, H]`` to the positions of ``hidden [B, T, H]`` that fall in ``0..P-1``."""
+    prefix_len = prompt.shape[1]
+    if offset >= prefix_len:
+        return hidden
+    n = min(prefix_len - offset, hidden.shape[1])
+    head = hidden[:, :n] + prompt[:, offset : offset + n].to(hidden.dtype)  # [B, n, H]
+    # out-of-place so autograd reaches both the hidden states and the prompts
+    return torch.cat([head, hidden[:, n:]], dim=1)  # [B, T, H]

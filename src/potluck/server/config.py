@@ -1,0 +1,36 @@
+"""The server's typed configuration; ``potluck serve`` maps its flags onto it one to one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from potluck.swarm.transport import NodeOptions
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model: str  # HF hub name or local directory of the checkpoint (safetensors)
+    blocks: tuple[int, int] | None = None  # the span [start, end) to serve; None: choose from the swarm
+    num_blocks: int | None = None  # how many blocks to choose when ``blocks`` is None
+    node: NodeOptions = field(default_factory=NodeOptions)  # how to join the swarm
+    model_prefix: str | None = None  # DHT name of the model; default derived from ``model``
+    device: str = "cpu"  # torch device for the blocks and caches
+    dtype: str = "auto"  # float32 | bfloat16 | float16 | auto (bf16 on CUDA, fp32 on CPU)
+    revision: str | None = None  # hub revision of the checkpoint
+    token: str | None = None  # hub token for gated models
+    public_name: str | None = None  # a human name shown by `potluck status`
+    cache_tokens: int = 16384  # KV-cache budget: sum over open sessions of batch * max_length
+    max_inference_length: int = 8192  # largest max_length one session may reserve
+    max_batch_tokens: int = 16384  # largest batch * tokens one step / forward may carry
+    max_alloc_timeout: float = 600.0  # cap on how long a session may wait for cache room
+    step_timeout: float = 300.0  # an inference session idle longer than this between steps is closed
+    session_timeout: float = 3600.0  # hard cap on an inference session's lifetime
+    request_timeout: float = 300.0  # cap on receiving one forward/backward request
+    update_period: float = 15.0  # re-announce the DHT records this often (seconds)
+    expiration: float = 45.0  # records expire this long after each announcement unless refreshed
+    drain_timeout: float = 10.0  # on SIGTERM, wait this long for in-flight steps before exiting
+    throughput: float | None = None  # announced tokens/s per block; None: measure at start
+    compression: str = "none"  # default compression of replies when the client does not ask
+
+
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")

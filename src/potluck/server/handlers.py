@@ -1,0 +1,361 @@
+"""The server's RPCs: info, inference sessions (one long-lived stream each), forward and backward.
+
+Each handler validates everything a client sends before touching the model: a bad request gets an
+``ErrorReply`` on that stream only and never reaches the compute thread or other sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from potluck.models import BlockSpan, KVCache
+from potluck.server.cache_budget import CacheBudget, CacheFullError
+from potluck.server.config import ServerConfig
+from potluck.server.runtime import PRIORITY_BACKWARD, PRIORITY_FORWARD, PRIORITY_INFERENCE, Runtime
+from potluck.wire import (
+    BackwardRequest,
+    BackwardResult,
+    CloseInference,
+    ErrorReply,
+    ForwardRequest,
+    ForwardResult,
+    InferenceOpened,
+    InferenceStep,
+    InferenceStepResult,
+    InfoRequest,
+    InfoResponse,
+    Message,
+    OpenInference,
+    ProtocolError,
+    StreamClosed,
+    WireLimits,
+    read_message,
+    write_message,
+)
+
+logger = logging.getLogger(__name__)
+
+PROTOCOL_INFO = "potluck.info"
+PROTOCOL_INFERENCE = "potluck.inference"
+PROTOCOL_FORWARD = "potluck.forward"
+PROTOCOL_BACKWARD = "potluck.backward"
+
+
+class BadRequest(Exception):
+    """The client's request is invalid; the message goes back to that client."""
+
+    def __init__(self, message: str, code: str = "bad_request", retryable: bool = False):
+        super().__init__(message)
+        self.code = code
+        self.retryable = retryable
+
+
+@dataclass
+class ServerState:
+    """What handlers share: the span, the compute thread, the cache budget, and lifecycle flags."""
+
+    config: ServerConfig
+    model_prefix: str
+    span: BlockSpan
+    runtime: Runtime
+    budget: CacheBudget
+    limits: WireLimits
+    state: str = "joining"  # joining | online | offline (draining)
+    in_flight: int = 0  # steps and forward/backward calls being computed now
+    sessions: dict[str, float] = field(default_factory=dict)  # session id -> open time
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.span.spec.hidden_size)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.span.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.span.parameters()).device
+
+    def info(self) -> InfoResponse:
+        return InfoResponse(
+            version=_version(),
+            model=self.model_prefix,
+            start=self.span.start,
+            end=self.span.end,
+            dtype=str(self.dtype).removeprefix("torch."),
+            cache_tokens_left=self.budget.left,
+            max_batch_tokens=self.config.max_batch_tokens,
+            max_inference_length=self.config.max_inference_length,
+            state=self.state,
+        )
+
+    async def compute(self, priority: int, fn: Callable[[], Any]) -> Any:
+        self.in_flight += 1
+        self.idle.clear()
+        try:
+            return await self.runtime.run(priority, fn)
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self.idle.set()
+
+    # --- validation --------------------------------------------------------------------------------
+
+    def check_span(self, model: str, start: int, end: int) -> BlockSpan:
+        if model != self.model_prefix:
+            raise BadRequest(f"this server serves model {self.model_prefix!r}, not {model!r}", "unknown_model")
+        if self.state == "offline":
+            raise BadRequest("server is draining: use another server", "draining", retryable=True)
+        if not (self.span.start <= start < end <= self.span.end):
+            raise BadRequest(
+                f"blocks {start}:{end} are not within this server's span {self.span.start}:{self.span.end}",
+                "wrong_span",
+                retryable=True,
+            )
+        return self.span.slice(start, end)
+
+    def check_hidden(self, tensor: torch.Tensor, what: str, batch: int | None = None) -> None:
+        if tensor.ndim != 3 or tensor.shape[-1] != self.hidden_size:
+            raise BadRequest(f"{what} must be [batch, tokens, {self.hidden_size}], got {list(tensor.shape)}")
+        if not tensor.is_floating_point():
+            raise BadRequest(f"{what} must be a floating tensor, got {tensor.dtype}")
+        if batch is not None and tensor.shape[0] != batch:
+            raise BadRequest(f"{what} has batch {tensor.shape[0]}, the session was opened for {batch}")
+        if tensor.shape[0] * tensor.shape[1] > self.config.max_batch_tokens:
+            raise BadRequest(
+                f"{what} carries {tensor.shape[0] * tensor.shape[1]} batch*tokens, "
+                f"above this server's limit of {self.config.max_batch_tokens}"
+            )
+        if tensor.shape[1] == 0:
+            raise BadRequest(f"{what} has no tokens")
+
+
+def _version() -> str:
+    from potluck import __version__
+
+    return __version__
+
+
+async def _reply_error(writer: asyncio.StreamWriter, code: str, message: str, retryable: bool) -> None:
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(
+            write_message(writer, ErrorReply(code=code, message=message, retryable=retryable)),  # type: ignore[arg-type]
+            timeout=10,
+        )
+
+
+async def _guarded(writer: asyncio.StreamWriter, peer: str, what: str, body: Callable[[], Any]) -> None:
+    """Run a handler body; turn every failure into an error reply to this client only."""
+    try:
+        await body()
+    except BadRequest as e:
+        logger.info("%s from %s refused: %s", what, peer[-8:], e)
+        await _reply_error(writer, e.code, str(e), e.retryable)
+    except ProtocolError as e:
+        logger.info("%s from %s: bad message: %s", what, peer[-8:], e)
+        await _reply_error(writer, "bad_request", str(e), False)
+    except CacheFullError as e:
+        await _reply_error(writer, "cache_full", str(e), True)
+    except (StreamClosed, ConnectionError, asyncio.IncompleteReadError):
+        logger.debug("%s from %s: stream closed", what, peer[-8:])
+    except asyncio.TimeoutError:
+        logger.info("%s from %s timed out", what, peer[-8:])
+        await _reply_error(writer, "timeout", f"{what}: timed out waiting for the client", True)
+    except Exception as e:
+        logger.exception("%s from %s failed", what, peer[-8:])
+        await _reply_error(writer, "internal", f"{type(e).__name__}: {e}", True)
+
+
+class Handlers:
+    """The stream handlers registered on the server's node."""
+
+    def __init__(self, state: ServerState):
+        self.s = state
+
+    async def info(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def body() -> None:
+            msg, _ = await read_message(reader, self.s.limits, timeout=30)
+            if not isinstance(msg, InfoRequest):
+                raise BadRequest(f"expected info_request, got {msg.kind}")  # type: ignore[attr-defined]
+            await write_message(writer, self.s.info())
+
+        await _guarded(writer, peer, "info", body)
+
+    # --- inference -----------------------------------------------------------------------------------
+
+    async def inference(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _guarded(writer, peer, "inference", lambda: self._inference(peer, reader, writer))
+
+    async def _inference(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        cfg = self.s.config
+        msg, _ = await read_message(reader, self.s.limits, timeout=cfg.step_timeout)
+        if not isinstance(msg, OpenInference):
+            raise BadRequest(f"an inference stream must start with open_inference, got {_kind(msg)}")
+        span = self.s.check_span(msg.model, msg.start, msg.end)
+        if msg.max_length < 1 or msg.max_length > cfg.max_inference_length:
+            raise BadRequest(f"max_length {msg.max_length} is outside 1..{cfg.max_inference_length}")
+        tokens = msg.batch_size * msg.max_length
+        alloc_timeout = min(msg.alloc_timeout, cfg.max_alloc_timeout)
+        async with self.s.budget.reserve(tokens, alloc_timeout):
+            cache: KVCache = await self.s.compute(
+                PRIORITY_INFERENCE, lambda: span.new_cache(msg.batch_size, msg.max_length)
+            )
+            session_id = uuid.uuid4().hex
+            self.s.sessions[session_id] = time.monotonic()
+            logger.info(
+                "session %s from %s: blocks %d:%d, batch %d, max_length %d",
+                session_id[:8], peer[-8:], msg.start, msg.end, msg.batch_size, msg.max_length,
+            )  # fmt: skip
+            try:
+                await write_message(
+                    writer,
+                    InferenceOpened(session_id=session_id, start=msg.start, end=msg.end, max_length=msg.max_length),
+                )
+                await self._steps(span, cache, msg, reader, writer)
+            finally:
+                self.s.sessions.pop(session_id, None)
+                del cache  # free the KV cache now, not when the handler's frame is collected
+                logger.info("session %s closed", session_id[:8])
+
+    async def _steps(
+        self,
+        span: BlockSpan,
+        cache: KVCache,
+        opened: OpenInference,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        cfg = self.s.config
+        deadline = time.monotonic() + cfg.session_timeout
+        while True:
+            timeout = min(cfg.step_timeout, deadline - time.monotonic())
+            if timeout <= 0:
+                raise BadRequest("session lifetime exceeded: open a new one", "timeout", retryable=True)
+            try:
+                msg, tensors = await read_message(reader, self.s.limits, timeout=timeout)
+            except StreamClosed:
+                return
+            if isinstance(msg, CloseInference):
+                return
+            if not isinstance(msg, InferenceStep):
+                raise BadRequest(f"expected inference_step, got {_kind(msg)}")
+            if self.s.state == "offline":
+                raise BadRequest("server is draining: continue on another server", "draining", retryable=True)
+            if len(tensors) != 1:
+                raise BadRequest(f"inference_step carries 1 tensor (hidden states), got {len(tensors)}")
+            hidden = tensors[0]
+            self.s.check_hidden(hidden, "hidden states", batch=opened.batch_size)
+            num_new = hidden.shape[1]
+            if msg.position > cache.length:
+                raise BadRequest(f"step at position {msg.position} but the session holds only {cache.length} tokens")
+            if msg.position + num_new > cache.max_length:
+                raise BadRequest(
+                    f"step would reach {msg.position + num_new} tokens, above the session's max_length "
+                    f"{cache.max_length}"
+                )
+            hypo_ids = None
+            if msg.hypo_ids is not None:
+                if len(msg.hypo_ids) != opened.batch_size or not all(
+                    0 <= i < opened.batch_size for i in msg.hypo_ids
+                ):
+                    raise BadRequest(f"hypo_ids must be {opened.batch_size} row indices in 0..{opened.batch_size - 1}")
+                hypo_ids = torch.tensor(msg.hypo_ids, dtype=torch.long)
+            out_dtype = hidden.dtype
+            position = msg.position
+
+            def run_step() -> torch.Tensor:
+                with torch.inference_mode():
+                    if position < cache.length:
+                        cache.rollback(position)
+                    if hypo_ids is not None:
+                        cache.reorder(hypo_ids.to(cache.keys[0].device))
+                    x = hidden.to(device=self.s.device, dtype=self.s.dtype)  # [B, T, H]
+                    return span(x, cache=cache).to(device="cpu", dtype=out_dtype)  # [B, T, H]
+
+            out = await self.s.compute(PRIORITY_INFERENCE, run_step)
+            await write_message(
+                writer,
+                InferenceStepResult(step_id=msg.step_id, position=cache.length),
+                [out],
+                opened.output_compression,
+            )
+
+    # --- forward / backward ------------------------------------------------------------------------------
+
+    async def forward(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _guarded(writer, peer, "forward", lambda: self._forward(reader, writer))
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        msg, tensors = await read_message(reader, self.s.limits, timeout=self.s.config.request_timeout)
+        if not isinstance(msg, ForwardRequest):
+            raise BadRequest(f"expected forward_request, got {_kind(msg)}")
+        span = self.s.check_span(msg.model, msg.start, msg.end)
+        hidden, prompts = self._unpack_inputs(span, tensors, msg.has_prompts, extra=0)
+
+        def run() -> torch.Tensor:
+            with torch.inference_mode():
+                x = hidden.to(device=self.s.device, dtype=self.s.dtype)  # [B, T, H]
+                p = None if prompts is None else prompts.to(device=self.s.device, dtype=self.s.dtype)
+                return span(x, prompts=p).to(device="cpu", dtype=hidden.dtype)  # [B, T, H]
+
+        out = await self.s.compute(PRIORITY_FORWARD, run)
+        await write_message(writer, ForwardResult(), [out], msg.output_compression)
+
+    async def backward(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _guarded(writer, peer, "backward", lambda: self._backward(reader, writer))
+
+    async def _backward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        msg, tensors = await read_message(reader, self.s.limits, timeout=self.s.config.request_timeout)
+        if not isinstance(msg, BackwardRequest):
+            raise BadRequest(f"expected backward_request, got {_kind(msg)}")
+        span = self.s.check_span(msg.model, msg.start, msg.end)
+        hidden, prompts = self._unpack_inputs(span, tensors, msg.has_prompts, extra=1)
+        grad_out = tensors[1]
+        if grad_out.shape != hidden.shape:
+            raise BadRequest(f"grad_out shape {list(grad_out.shape)} differs from hidden {list(hidden.shape)}")
+
+        def run() -> list[torch.Tensor]:
+            with torch.enable_grad():
+                x = hidden.to(device=self.s.device, dtype=self.s.dtype).requires_grad_(True)  # [B, T, H]
+                p = None
+                if prompts is not None:
+                    p = prompts.to(device=self.s.device, dtype=self.s.dtype).requires_grad_(True)
+                out = span(x, prompts=p)  # [B, T, H]
+                inputs = [x] if p is None else [x, p]
+                grads = torch.autograd.grad(out, inputs, grad_out.to(out.device, out.dtype))
+            return [g.to(device="cpu", dtype=hidden.dtype) for g in grads]
+
+        grads = await self.s.compute(PRIORITY_BACKWARD, run)
+        await write_message(writer, BackwardResult(), grads, msg.output_compression)
+
+    def _unpack_inputs(
+        self, span: BlockSpan, tensors: list[torch.Tensor], has_prompts: bool, extra: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        expected = 1 + extra + int(has_prompts)
+        if len(tensors) != expected:
+            raise BadRequest(f"expected {expected} tensors, got {len(tensors)}")
+        hidden = tensors[0]
+        self.s.check_hidden(hidden, "hidden states")
+        prompts = None
+        if has_prompts:
+            prompts = tensors[-1]
+            n = span.end - span.start
+            if prompts.ndim != 4 or prompts.shape[0] != n or prompts.shape[1] != hidden.shape[0]:
+                raise BadRequest(f"prompts must be [{n}, batch, prefix, hidden], got {list(prompts.shape)}")
+            if prompts.shape[3] != self.hidden_size or prompts.shape[2] > hidden.shape[1]:
+                raise BadRequest(f"prompts {list(prompts.shape)} do not fit hidden states {list(hidden.shape)}")
+        return hidden, prompts
+
+
+def _kind(msg: Message) -> str:
+    return str(getattr(msg, "kind", type(msg).__name__))

@@ -1,0 +1,183 @@
+"""Typed protocol messages exchanged between clients and servers.
+
+Every message is a frozen pydantic model with a literal ``kind``; the framing layer (``framing.py``) writes
+``kind`` plus the model's JSON as the frame header and the tensors as separate payloads. Parsing goes through
+``parse_message`` which validates against the registered model for the kind: unknown kinds and malformed
+fields are ``ProtocolError`` (never pickle, never eval).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, NewType
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from potluck.wire.errors import ProtocolError
+
+SessionId = NewType("SessionId", str)
+
+Compression = Literal["none", "fp16", "bf16", "int8"]
+
+_SMALL = Annotated[int, Field(ge=0, le=1 << 31)]
+
+
+class Message(BaseModel):
+    """Base of all wire messages: frozen, unknown fields rejected."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# --- info -------------------------------------------------------------------------------------------
+
+
+class InfoRequest(Message):
+    kind: Literal["info_request"] = "info_request"
+
+
+class InfoResponse(Message):
+    kind: Literal["info_response"] = "info_response"
+    version: str
+    model: str  # the DHT model prefix this server serves
+    start: int  # first block held (inclusive)
+    end: int  # last block held (exclusive)
+    dtype: str  # torch dtype name of the blocks, e.g. "float32"
+    cache_tokens_left: int  # free KV-cache room, in batch*tokens
+    max_batch_tokens: int  # largest batch*tokens a single step or forward may carry
+    max_inference_length: int  # largest max_length a session may ask for
+    state: str  # "joining" | "online" | "offline"
+
+
+# --- inference session (one long-lived stream per session) --------------------------------------------
+
+
+class OpenInference(Message):
+    """First message of an inference stream: reserve a KV cache for ``batch_size * max_length`` tokens."""
+
+    kind: Literal["open_inference"] = "open_inference"
+    model: str
+    start: int  # sub-range of the server's span to run (absolute block indices)
+    end: int
+    max_length: _SMALL
+    batch_size: Annotated[int, Field(ge=1, le=4096)]
+    alloc_timeout: Annotated[float, Field(ge=0, le=3600)] = 0.0  # wait this long for cache room, then fail
+    output_compression: Compression = "none"
+
+
+class InferenceOpened(Message):
+    kind: Literal["inference_opened"] = "inference_opened"
+    session_id: str
+    start: int
+    end: int
+    max_length: int
+
+
+class InferenceStep(Message):
+    """One step: tensors = [hidden [B, T, H]]. ``position`` is where these tokens start.
+
+    position < the server's current length rolls the cache back first (replay from 0 after a failover,
+    or speculative-decoding rollback); position > current length is an error.
+    """
+
+    kind: Literal["inference_step"] = "inference_step"
+    step_id: _SMALL
+    position: _SMALL
+    hypo_ids: list[int] | None = None  # beam search: reorder the cache's batch rows before this step
+
+
+class InferenceStepResult(Message):
+    kind: Literal["inference_step_result"] = "inference_step_result"
+    step_id: int
+    position: int  # cache length after the step
+
+
+class CloseInference(Message):
+    kind: Literal["close_inference"] = "close_inference"
+
+
+# --- forward / backward (training; no cache) ------------------------------------------------------------
+
+
+class ForwardRequest(Message):
+    """tensors = [hidden [B, T, H]] (+ [prompts [n, B, P, H]] when ``has_prompts``)."""
+
+    kind: Literal["forward_request"] = "forward_request"
+    model: str
+    start: int
+    end: int
+    has_prompts: bool = False
+    output_compression: Compression = "none"
+
+
+class ForwardResult(Message):
+    kind: Literal["forward_result"] = "forward_result"
+
+
+class BackwardRequest(Message):
+    """tensors = [hidden_in [B, T, H], grad_out [B, T, H]] (+ prompts when ``has_prompts``)."""
+
+    kind: Literal["backward_request"] = "backward_request"
+    model: str
+    start: int
+    end: int
+    has_prompts: bool = False
+    output_compression: Compression = "none"
+
+
+class BackwardResult(Message):
+    """tensors = [grad_in [B, T, H]] (+ [grad_prompts] when the request had prompts)."""
+
+    kind: Literal["backward_result"] = "backward_result"
+
+
+# --- errors ------------------------------------------------------------------------------------------
+
+
+ErrorCode = Literal[
+    "bad_request",  # malformed message, wrong shape/dtype/size: the client's fault, do not retry here
+    "wrong_span",  # the server does not hold the asked blocks (it moved or never did)
+    "unknown_model",
+    "cache_full",  # no KV-cache room within alloc_timeout
+    "overloaded",
+    "draining",  # the server is shutting down or moving: go elsewhere
+    "timeout",
+    "internal",
+]
+
+
+class ErrorReply(Message):
+    kind: Literal["error"] = "error"
+    code: ErrorCode
+    message: str
+    retryable: bool  # True when another server (or this one later) may succeed
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.model_fields["kind"].default: cls
+    for cls in (
+        InfoRequest,
+        InfoResponse,
+        OpenInference,
+        InferenceOpened,
+        InferenceStep,
+        InferenceStepResult,
+        CloseInference,
+        ForwardRequest,
+        ForwardResult,
+        BackwardRequest,
+        BackwardResult,
+        ErrorReply,
+    )
+}
+
+
+def parse_message(kind: str, payload: object) -> Message:
+    """Validate a decoded header into its message type; anything unexpected is a ProtocolError."""
+    cls = MESSAGE_TYPES.get(kind)
+    if cls is None:
+        raise ProtocolError(f"unknown message kind {kind!r}")
+    if not isinstance(payload, dict):
+        raise ProtocolError(f"message {kind!r}: header must be an object")
+    try:
+        return cls.model_validate(payload)
+    except ValidationError as e:
+        raise ProtocolError(f"malformed {kind!r} message: {e.errors(include_url=False)}") from None
