@@ -26,6 +26,10 @@ KINDS = (
     "bloom",
 )
 
+# the five architectures every model test covers, and extra Llama variants for RoPE scaling types
+MAIN_KINDS = ("llama-gqa-llama3rope", "llama-tied", "mistral", "qwen2", "bloom")
+ROPE_KINDS = ("llama-linear-rope", "llama-dynamic-rope")
+
 _LLAMA3_ROPE = {
     "rope_type": "llama3",
     "rope_theta": 500000.0,
@@ -93,7 +97,9 @@ def make_tiny_hf_model(kind: str, seed: int = 0) -> Any:
     return model.eval()
 
 
-def make_tiny_model(kind: str, path: str | os.PathLike[str], max_shard_size: str | int = "50MB", seed: int = 0) -> str:
+def make_tiny_model(
+    kind: str, path: str | os.PathLike[str], max_shard_size: str | int = "50MB", seed: int = 0
+) -> str:
     """Save a tiny random fp32 model of ``kind`` under ``path``; returns ``str(path)``.
 
     Use e.g. ``max_shard_size="60KB"`` to get a sharded checkpoint with ``model.safetensors.index.json``.

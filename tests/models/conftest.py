@@ -16,10 +16,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tiny_models import make_tiny_model  # noqa: E402
 
-MAIN_KINDS = ("llama-gqa-llama3rope", "llama-tied", "mistral", "qwen2", "bloom")
-ROPE_KINDS = ("llama-linear-rope", "llama-dynamic-rope")
-ALL_KINDS = MAIN_KINDS + ROPE_KINDS
-
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., str]:

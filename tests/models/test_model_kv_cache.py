@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ALL_KINDS
 
 from potluck.models import KVCache, KVCacheOverflowError
+from tiny_models import KINDS as ALL_KINDS
 
 SEQ = 24
 
@@ -148,7 +148,10 @@ def test_deep_prompts_are_added_before_each_block(local_model):
     with torch.no_grad():
         cache = span.new_cache(2, 7)
         chunked = torch.cat(
-            [span(hidden[:, :3], cache=cache, prompts=prompts), span(hidden[:, 3:], cache=cache, prompts=prompts)],
+            [
+                span(hidden[:, :3], cache=cache, prompts=prompts),
+                span(hidden[:, 3:], cache=cache, prompts=prompts),
+            ],
             dim=1,
         )
     torch.testing.assert_close(chunked, out.detach(), rtol=0, atol=1e-5)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ALL_KINDS, MAIN_KINDS
+
+from tiny_models import KINDS as ALL_KINDS
+from tiny_models import MAIN_KINDS
 
 SEQ = 24  # longer than the mistral window (16) and the dynamic-rope trained length (16)
 

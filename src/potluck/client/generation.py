@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import (
@@ -148,7 +148,9 @@ def generate_tokens(
     processors = build_logits_processors(params)
     stopping = build_stopping_criteria(params, tokenizer)
     eos_ids = params.eos_ids()
-    pad_token_id = params.pad_token_id if params.pad_token_id is not None else (eos_ids[0] if eos_ids else None)
+    pad_token_id = (
+        params.pad_token_id if params.pad_token_id is not None else (eos_ids[0] if eos_ids else None)
+    )
     has_eos = eos_ids is not None
 
     if streamer is not None:
@@ -161,7 +163,7 @@ def generate_tokens(
         if logits.dim() == 3:
             logits = logits[:, -1]  # [B, V]
         logits = logits.to(device=sequences.device, dtype=torch.float32, copy=True)  # [B, V]
-        scores = processors(sequences, logits)  # [B, V]
+        scores = processors(cast(torch.LongTensor, sequences), logits)  # [B, V]
         if params.do_sample:
             probs = torch.softmax(scores, dim=-1)  # [B, V]
             next_tokens = torch.multinomial(probs, num_samples=1).squeeze(1)  # [B]
@@ -174,7 +176,7 @@ def generate_tokens(
         if streamer is not None:
             streamer.put(next_tokens.cpu())
         if len(stopping) > 0:
-            unfinished = unfinished & ~stopping(sequences, None)  # [B]
+            unfinished = unfinished & ~stopping(cast(torch.LongTensor, sequences), None)  # [B]
             if unfinished.max() == 0:
                 break
         new_ids = next_tokens[:, None]  # [B, 1]

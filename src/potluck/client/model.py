@@ -211,13 +211,9 @@ class DistributedModelForCausalLM(nn.Module):
         already = session.position if session is not None else 0  # tokens the servers' caches hold
         if max_new_tokens is None:
             max_new_tokens = (max_length - input_ids.shape[1]) if max_length is not None else 20
-        params = GenerationParams.from_kwargs(
-            getattr(self, "generation_config", None), max_new_tokens=max_new_tokens, **kwargs
-        )
-        if params.eos_token_id is None and kwargs.get("eos_token_id") is None:
-            eos = getattr(self.config, "eos_token_id", None)
-            if eos is not None:
-                params = GenerationParams.from_kwargs(None, max_new_tokens=max_new_tokens, eos_token_id=eos, **kwargs)
+        if "eos_token_id" not in kwargs:  # HF default: stop at the checkpoint's eos; an explicit None never stops
+            kwargs["eos_token_id"] = getattr(self.config, "eos_token_id", None)
+        params = GenerationParams.from_kwargs(None, max_new_tokens=max_new_tokens, **kwargs)
         if session is None:
             with self.inference_session(input_ids.shape[1] + max_new_tokens, batch_size=input_ids.shape[0]) as s:
                 return self._generate_in(s, input_ids, 0, params, streamer)

@@ -29,7 +29,9 @@ class KVCache:
         shape = keys[0].shape
         for buf in (*keys, *values):
             if buf.shape != shape or buf.dim() != 4:
-                raise ValueError(f"all KV buffers must share one 4-d shape, got {tuple(buf.shape)} vs {tuple(shape)}")
+                raise ValueError(
+                    f"all KV buffers must share one 4-d shape, got {tuple(buf.shape)} vs {tuple(shape)}"
+                )
         self.keys = keys
         self.values = values
         self.batch_size: int = shape[0]
@@ -108,7 +110,9 @@ class KVCache:
     def reorder(self, batch_indices: torch.Tensor) -> None:
         """Replace row ``b`` by former row ``batch_indices[b]`` in every buffer (beam search), in place."""
         if batch_indices.dim() != 1 or batch_indices.shape[0] != self.batch_size:
-            raise ValueError(f"batch_indices must have shape [{self.batch_size}], got {tuple(batch_indices.shape)}")
+            raise ValueError(
+                f"batch_indices must have shape [{self.batch_size}], got {tuple(batch_indices.shape)}"
+            )
         index = batch_indices.to(device=self.device, dtype=torch.long)
         for buf in (*self.keys, *self.values):
             # index_select makes a copy first, so overlapping source/destination rows are safe.

@@ -14,6 +14,7 @@ Parameter names inside a block match the HF checkpoint names after the ``model.l
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -24,7 +25,7 @@ from potluck.models.kv_cache import KVCache
 from potluck.models.layers import AttnInputs, RMSNorm, apply_rope, attention, rope_cos_sin
 from potluck.models.spec import ModelSpec, UnsupportedModelError, rope_spec_from_config
 
-_ACTIVATIONS = {
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
     "swish": F.silu,
     "gelu": F.gelu,
@@ -113,7 +114,7 @@ class LlamaMLP(nn.Module):
         self.gate_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
         self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
         self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
-        self.act = _ACTIVATIONS[spec.hidden_act]
+        self.act: Callable[[torch.Tensor], torch.Tensor] = _ACTIVATIONS[spec.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))  # [B, T, hidden]

@@ -54,7 +54,7 @@ class SafetensorsCheckpoint:
         cache_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.name_or_path = str(name_or_path)
-        self._hub_kwargs = {"revision": revision, "token": token, "cache_dir": cache_dir}
+        self.revision, self.token, self.cache_dir = revision, token, cache_dir
         self.is_local = os.path.isdir(self.name_or_path)
         self.weight_map: dict[str, str] = self._read_weight_map()
 
@@ -65,7 +65,11 @@ class SafetensorsCheckpoint:
             if not os.path.isfile(path):
                 raise CheckpointError(f"checkpoint file {path} is missing")
             return path
-        return hf_hub_download(self.name_or_path, filename, **self._hub_kwargs)  # type: ignore[arg-type]
+        downloaded = hf_hub_download(
+            self.name_or_path, filename, revision=self.revision, token=self.token, cache_dir=self.cache_dir
+        )
+        assert isinstance(downloaded, str)  # only dry runs return file info objects
+        return downloaded
 
     def _try_fetch(self, filename: str) -> str | None:
         if self.is_local:

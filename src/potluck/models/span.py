@@ -63,7 +63,9 @@ class BlockSpan(nn.Module):
         call covers, so a cached decode step past the prefix is unaffected).
         """
         if hidden.dim() != 3 or hidden.shape[-1] != self.spec.hidden_size:
-            raise ValueError(f"hidden must be [batch, seq, {self.spec.hidden_size}], got {tuple(hidden.shape)}")
+            raise ValueError(
+                f"hidden must be [batch, seq, {self.spec.hidden_size}], got {tuple(hidden.shape)}"
+            )
         bsz, seq, _ = hidden.shape
         offset = 0
         if cache is not None:
@@ -112,7 +114,9 @@ class BlockSpan(nn.Module):
     def slice(self, start: int, end: int) -> BlockSpan:
         """A span over blocks ``start..end-1`` (absolute indices) sharing this span's parameters."""
         if not self.start <= start < end <= self.end:
-            raise ValueError(f"slice [{start}, {end}) is not a non-empty sub-range of [{self.start}, {self.end})")
+            raise ValueError(
+                f"slice [{start}, {end}) is not a non-empty sub-range of [{self.start}, {self.end})"
+            )
         blocks = nn.ModuleList(self.blocks[start - self.start : end - self.start])
         return BlockSpan(self.spec, self.family, start, end, blocks)
 

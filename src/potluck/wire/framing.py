@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import struct
+import sys
 from collections.abc import Generator, Sequence
 from typing import Any, Protocol
 
@@ -130,6 +131,8 @@ async def write_message(
 
     Small parts go out in a single ``write``; payload chunks are written as-is (no join copy) with a
     ``drain`` after every ``chunk_size`` bytes, so a large tensor never piles up in the transport buffer.
+    Not safe to call concurrently on one writer (frames would interleave): serialise writes per stream.
+    If cancelled mid-frame the stream is left mid-frame: close it.
     """
     parts = encode_message(msg, tensors, compression, chunk_size=chunk_size)
     pending: list[Buffer] = []
@@ -267,4 +270,7 @@ async def read_message(
     """
     if timeout is None:
         return await _read_frame(reader, limits)
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(timeout):  # no extra task per message, unlike wait_for
+            return await _read_frame(reader, limits)
     return await asyncio.wait_for(_read_frame(reader, limits), timeout)
