@@ -119,3 +119,33 @@ def test_params_resolution_like_hf():
             torch.zeros(1, 2, dtype=torch.long),
             GenerationParams(max_new_tokens=1, stop_strings=("x",)),
         )
+
+
+def _char_tokenizer():
+    # token i is one character ("a".."z", then other code points); no hub access needed
+    from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(ord("a") + i) if i < 26 else chr(0x100 + i): i for i in range(256)}
+    backend = Tokenizer(WordLevel(vocab, unk_token="a"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="a")
+
+
+def test_stop_strings_match_transformers(hf_model, local_model):
+    hf, model = hf_model("mistral"), local_model("mistral")
+    tokenizer = _char_tokenizer()
+    ids = _prompt(seed=0)
+    free = model.generate(ids, max_new_tokens=NEW_TOKENS, eos_token_id=None)
+    row0, row1 = free[0, PROMPT_LEN:].tolist(), free[1, PROMPT_LEN:].tolist()
+    k = next(i for i in range(2, NEW_TOKENS) if row0[i] not in row0[:i] and row0[i] not in row1)
+    stop = tokenizer.decode([row0[k]])
+    kwargs = dict(max_new_tokens=NEW_TOKENS, eos_token_id=None, stop_strings=[stop])
+    expected = _hf_generate(hf, ids, tokenizer=tokenizer, **kwargs)
+    got = model.generate(ids, hf.generation_config, tokenizer=tokenizer, **kwargs)
+    assert torch.equal(got, expected)
+    # a single row stops right after the stop string
+    one = model.generate(ids[:1], tokenizer=tokenizer, **kwargs)
+    assert one.shape[1] == PROMPT_LEN + k + 1 and tokenizer.decode(one[0, -1:]) == stop

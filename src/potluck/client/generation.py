@@ -47,18 +47,18 @@ class GenerationParams:
     top_k: int | None = 50
     top_p: float = 1.0
     repetition_penalty: float = 1.0
-    eos_token_id: int | tuple[int, ...] | None = None
+    eos_token_id: int | Sequence[int] | None = None  # stored as int or tuple
     pad_token_id: int | None = None
-    stop_strings: tuple[str, ...] | None = None
+    stop_strings: str | Sequence[str] | None = None  # stored as tuple
     max_length: int | None = None
 
     def __post_init__(self) -> None:
         # normalise lists (as found in HF configs) to tuples so the dataclass stays hashable and immutable
-        if isinstance(self.eos_token_id, list):
-            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        if self.eos_token_id is not None and not isinstance(self.eos_token_id, int):
+            object.__setattr__(self, "eos_token_id", tuple(int(i) for i in self.eos_token_id))
         if isinstance(self.stop_strings, str):
             object.__setattr__(self, "stop_strings", (self.stop_strings,))
-        elif isinstance(self.stop_strings, list):
+        elif self.stop_strings is not None:
             object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
         if self.do_sample and self.temperature <= 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")

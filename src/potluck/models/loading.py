@@ -54,7 +54,8 @@ class SafetensorsCheckpoint:
         cache_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.name_or_path = str(name_or_path)
-        self.revision, self.token, self.cache_dir = revision, token, cache_dir
+        self.revision, self.token = revision, token
+        self.cache_dir = os.fspath(cache_dir) if cache_dir is not None else None
         self.is_local = os.path.isdir(self.name_or_path)
         self.weight_map: dict[str, str] = self._read_weight_map()
 
