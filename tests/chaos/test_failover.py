@@ -61,7 +61,10 @@ def swarm(tmp_path: Any) -> Iterator[LocalSwarm]:
 
 
 def _start(swarm: LocalSwarm, model_path: str, *spans: tuple[int, int]) -> list[SwarmProcess]:
-    procs = [swarm.start_server(model_path, span, wait=False, extra_args=["--update-period", "2"]) for span in spans]
+    procs = [
+        swarm.start_server(model_path, span, wait=False, extra_args=["--update-period", "2"])
+        for span in spans
+    ]
     swarm.wait_ready(procs)
     return procs
 
@@ -83,7 +86,12 @@ def test_sigkill_mid_generation_with_a_standby_server(swarm, model_path, prompt,
     procs = _start(swarm, model_path, (0, 4), (4, 8), (4, 8))
     with _client(swarm, model_path) as model, model.inference_session(max_length=64) as session:
         victim = _hop_server(procs, session, 1)
-        out = model.generate(prompt, max_new_tokens=NEW_TOKENS, eos_token_id=None, streamer=AtToken(FAIL_AT, lambda: swarm.kill(victim)))
+        out = model.generate(
+            prompt,
+            max_new_tokens=NEW_TOKENS,
+            eos_token_id=None,
+            streamer=AtToken(FAIL_AT, lambda: swarm.kill(victim)),
+        )
         assert session.remote.failovers == 1
         assert victim.peer_id not in [h.peer_id for h in session.remote.hops]
     assert torch.equal(out, expected)
@@ -99,7 +107,9 @@ def test_replacement_chain_has_different_boundaries(swarm, model_path, prompt, e
 
     with _client(swarm, model_path) as model, model.inference_session(max_length=64) as session:
         assert [(h.hop.start, h.hop.end) for h in session.remote.hops] == [(0, 2), (2, 4), (4, 8)]
-        out = model.generate(prompt, max_new_tokens=NEW_TOKENS, eos_token_id=None, streamer=AtToken(FAIL_AT, kill_and_replace))
+        out = model.generate(
+            prompt, max_new_tokens=NEW_TOKENS, eos_token_id=None, streamer=AtToken(FAIL_AT, kill_and_replace)
+        )
         hops = [(h.peer_id, h.hop.start, h.hop.end) for h in session.remote.hops]
     assert torch.equal(out, expected)
     assert (late[0].peer_id, 2, 3) in hops and (late[1].peer_id, 3, 4) in hops
@@ -107,10 +117,18 @@ def test_replacement_chain_has_different_boundaries(swarm, model_path, prompt, e
 
 def test_frozen_server_is_detected_by_the_step_timeout(swarm, model_path, prompt, expected) -> None:  # type: ignore[no-untyped-def]
     procs = _start(swarm, model_path, (0, 4), (4, 8), (4, 8))
-    with _client(swarm, model_path, step_timeout=2.0) as model, model.inference_session(max_length=64) as session:
+    with (
+        _client(swarm, model_path, step_timeout=2.0) as model,
+        model.inference_session(max_length=64) as session,
+    ):
         victim = _hop_server(procs, session, 1)
         t0 = time.monotonic()
-        out = model.generate(prompt, max_new_tokens=NEW_TOKENS, eos_token_id=None, streamer=AtToken(FAIL_AT, lambda: swarm.freeze(victim)))
+        out = model.generate(
+            prompt,
+            max_new_tokens=NEW_TOKENS,
+            eos_token_id=None,
+            streamer=AtToken(FAIL_AT, lambda: swarm.freeze(victim)),
+        )
         elapsed = time.monotonic() - t0
         assert session.remote.failovers == 1
     swarm.thaw(victim)
@@ -133,7 +151,10 @@ def test_graceful_drain_hands_over_to_another_server(swarm, model_path, prompt, 
     with _client(swarm, model_path) as model, model.inference_session(max_length=64) as session:
         victim = _hop_server(procs, session, 1)
         out = model.generate(
-            prompt, max_new_tokens=NEW_TOKENS, eos_token_id=None, streamer=AtToken(FAIL_AT, lambda: codes.append(swarm.stop(victim)))
+            prompt,
+            max_new_tokens=NEW_TOKENS,
+            eos_token_id=None,
+            streamer=AtToken(FAIL_AT, lambda: codes.append(swarm.stop(victim))),
         )
         assert session.remote.failovers == 1
     assert codes == [0]  # SIGTERM: announced offline, drained, exited cleanly
@@ -149,13 +170,20 @@ def test_all_holders_die_and_a_new_server_arrives(swarm, model_path, prompt, exp
 
         def later() -> None:
             time.sleep(5)
-            swarm.start_server(model_path, (4, 8), name="newcomer", wait=False, extra_args=["--update-period", "2"])
+            swarm.start_server(
+                model_path, (4, 8), name="newcomer", wait=False, extra_args=["--update-period", "2"]
+            )
 
         starter.append(threading.Thread(target=later))
         starter[0].start()
 
     with _client(swarm, model_path, wait_for_servers=60.0) as model:
-        out = model.generate(prompt, max_new_tokens=NEW_TOKENS, eos_token_id=None, streamer=AtToken(FAIL_AT, kill_and_restart_later))
+        out = model.generate(
+            prompt,
+            max_new_tokens=NEW_TOKENS,
+            eos_token_id=None,
+            streamer=AtToken(FAIL_AT, kill_and_restart_later),
+        )
     starter[0].join()
     assert torch.equal(out, expected)
 
@@ -171,6 +199,8 @@ def test_all_holders_die_and_none_returns(swarm, model_path, prompt) -> None:  #
 
     with _client(swarm, model_path, wait_for_servers=wait) as model:
         with pytest.raises(MissingBlocksError, match=r"blocks 4-7"):
-            model.generate(prompt, max_new_tokens=NEW_TOKENS, eos_token_id=None, streamer=AtToken(FAIL_AT, kill))
+            model.generate(
+                prompt, max_new_tokens=NEW_TOKENS, eos_token_id=None, streamer=AtToken(FAIL_AT, kill)
+            )
         waited = time.monotonic() - killed_at[0]
     assert wait <= waited < wait + 10  # the configured wait, plus a DHT refresh or two

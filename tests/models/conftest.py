@@ -12,7 +12,9 @@ import torch
 
 # tests/ holds tiny_models.py, shared with other test packages; pytest's default rootdir-relative import mode
 # only puts this directory on sys.path.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_TESTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _TESTS_DIR not in sys.path:
+    sys.path.insert(0, _TESTS_DIR)
 
 from tiny_models import make_tiny_model  # noqa: E402
 

@@ -56,7 +56,9 @@ def _prompt(seed: int, batch: int = 1, length: int = 7) -> torch.Tensor:
 @pytest.mark.parametrize("kind", KINDS)
 def test_greedy_generation_equals_transformers(swarm: dict[str, Any], kind: str) -> None:
     prompt = _prompt(0)
-    expected = _hf(swarm["paths"][kind]).generate(prompt, max_new_tokens=32, do_sample=False, eos_token_id=None)
+    expected = _hf(swarm["paths"][kind]).generate(
+        prompt, max_new_tokens=32, do_sample=False, eos_token_id=None
+    )
     with _client(swarm, kind) as model:
         out = model.generate(prompt, max_new_tokens=32, eos_token_id=None)
     assert out.shape == (1, prompt.shape[1] + 32)
@@ -78,7 +80,9 @@ def test_seeded_sampling_equals_local_sampling(swarm: dict[str, Any]) -> None:
 def test_session_spans_several_generate_calls(swarm: dict[str, Any]) -> None:
     kind = KINDS[0]
     prompt = _prompt(2)
-    expected = _hf(swarm["paths"][kind]).generate(prompt, max_new_tokens=16, do_sample=False, eos_token_id=None)
+    expected = _hf(swarm["paths"][kind]).generate(
+        prompt, max_new_tokens=16, do_sample=False, eos_token_id=None
+    )
     with _client(swarm, kind) as model, model.inference_session(max_length=64) as session:
         first = model.generate(prompt, max_new_tokens=8, eos_token_id=None)
         second = model.generate(None, max_new_tokens=8, eos_token_id=None)
@@ -135,7 +139,16 @@ def test_forward_logits_loss_and_input_gradient_match_transformers(swarm: dict[s
 def test_status_json_reports_coverage(swarm: dict[str, Any]) -> None:
     path = swarm["paths"][KINDS[0]]
     proc = subprocess.run(
-        [sys.executable, "-m", "potluck.cli.main", "status", path, "--initial-peers", *swarm["peers"], "--json"],
+        [
+            sys.executable,
+            "-m",
+            "potluck.cli.main",
+            "status",
+            path,
+            "--initial-peers",
+            *swarm["peers"],
+            "--json",
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -151,9 +164,11 @@ def test_status_json_reports_coverage(swarm: dict[str, Any]) -> None:
 
 
 def test_missing_blocks_is_a_clear_error(swarm: dict[str, Any]) -> None:
-    with pytest.raises(MissingBlocksError, match=r"blocks 0-7"):
-        with _client(swarm, KINDS[0], model_prefix="nobody-serves-this", wait_for_servers=1.0) as model:
-            model.generate(_prompt(4), max_new_tokens=2)
+    with (
+        pytest.raises(MissingBlocksError, match=r"blocks 0-7"),
+        _client(swarm, KINDS[0], model_prefix="nobody-serves-this", wait_for_servers=1.0) as model,
+    ):
+        model.generate(_prompt(4), max_new_tokens=2)
 
 
 def test_server_survives_bad_requests(swarm: dict[str, Any]) -> None:
@@ -161,14 +176,23 @@ def test_server_survives_bad_requests(swarm: dict[str, Any]) -> None:
     from potluck.server.handlers import PROTOCOL_INFERENCE, PROTOCOL_INFO
     from potluck.swarm.records import model_prefix_for
     from potluck.swarm.transport import NodeOptions, SwarmNode
-    from potluck.wire import ErrorReply, InferenceStep, InfoRequest, OpenInference, read_message, write_message
+    from potluck.wire import (
+        ErrorReply,
+        InferenceStep,
+        InfoRequest,
+        OpenInference,
+        read_message,
+        write_message,
+    )
 
     path = swarm["paths"][KINDS[0]]
     prefix = model_prefix_for(path)
     server = next(p for p in swarm["swarm"].processes if p.name == f"{KINDS[0]}-a")
 
     async def scenario() -> list[str]:
-        node = await SwarmNode.create(NodeOptions(initial_peers=tuple(swarm["peers"]), host="127.0.0.1", client_mode=True))
+        node = await SwarmNode.create(
+            NodeOptions(initial_peers=tuple(swarm["peers"]), host="127.0.0.1", client_mode=True)
+        )
         codes: list[str] = []
         try:
 
@@ -193,14 +217,34 @@ def test_server_survives_bad_requests(swarm: dict[str, Any]) -> None:
             cases = [
                 (PROTOCOL_INFERENCE, b"\x00garbage bytes that are not a frame" * 3, ()),
                 (PROTOCOL_INFO, b"PLK1\xff\xff\xff\xff", ()),
-                (PROTOCOL_INFERENCE, None, ((OpenInference(model="other", start=0, end=1, max_length=8, batch_size=1), []),)),
+                (
+                    PROTOCOL_INFERENCE,
+                    None,
+                    ((OpenInference(model="other", start=0, end=1, max_length=8, batch_size=1), []),),
+                ),
                 (PROTOCOL_INFERENCE, None, ((opened.model_copy(update={"end": 8}), []),)),
                 (PROTOCOL_INFERENCE, None, ((opened.model_copy(update={"max_length": 10**9}), []),)),
-                (PROTOCOL_INFERENCE, None, ((opened, []), (InferenceStep(step_id=1, position=0), [torch.zeros(1, 1, 65)]))),
-                (PROTOCOL_INFERENCE, None, ((opened, []), (InferenceStep(step_id=1, position=0), [torch.zeros(2, 1, 64)]))),
+                (
+                    PROTOCOL_INFERENCE,
+                    None,
+                    ((opened, []), (InferenceStep(step_id=1, position=0), [torch.zeros(1, 1, 65)])),
+                ),
+                (
+                    PROTOCOL_INFERENCE,
+                    None,
+                    ((opened, []), (InferenceStep(step_id=1, position=0), [torch.zeros(2, 1, 64)])),
+                ),
                 (PROTOCOL_INFERENCE, None, ((opened, []), (InferenceStep(step_id=1, position=5), [good]))),
-                (PROTOCOL_INFERENCE, None, ((opened, []), (InferenceStep(step_id=1, position=0), [torch.zeros(1, 17, 64)]))),
-                (PROTOCOL_INFERENCE, None, ((opened, []), (InferenceStep(step_id=1, position=0), [good.long()]))),
+                (
+                    PROTOCOL_INFERENCE,
+                    None,
+                    ((opened, []), (InferenceStep(step_id=1, position=0), [torch.zeros(1, 17, 64)])),
+                ),
+                (
+                    PROTOCOL_INFERENCE,
+                    None,
+                    ((opened, []), (InferenceStep(step_id=1, position=0), [good.long()])),
+                ),
                 (PROTOCOL_INFERENCE, None, ((opened, []), (InfoRequest(), []))),
             ]
             for protocol, payload, messages in cases:
@@ -208,7 +252,7 @@ def test_server_survives_bad_requests(swarm: dict[str, Any]) -> None:
                 assert isinstance(reply, ErrorReply), (protocol, payload, messages, reply)
                 codes.append(reply.code)
             info = await exchange(PROTOCOL_INFO, None, (InfoRequest(), []))
-            assert info.kind == "info_response" and info.cache_tokens_left == info.max_batch_tokens or True
+            assert info.kind == "info_response" and info.start == 0 and info.end == SPLIT
         finally:
             await node.shutdown()
         return codes
@@ -218,5 +262,7 @@ def test_server_survives_bad_requests(swarm: dict[str, Any]) -> None:
     assert set(codes[5:]) == {"bad_request"}
     assert server.alive()
     with _client(swarm, KINDS[0]) as model:  # and it still serves correct results
-        expected = _hf(swarm["paths"][KINDS[0]]).generate(_prompt(5), max_new_tokens=8, do_sample=False, eos_token_id=None)
+        expected = _hf(swarm["paths"][KINDS[0]]).generate(
+            _prompt(5), max_new_tokens=8, do_sample=False, eos_token_id=None
+        )
         assert torch.equal(model.generate(_prompt(5), max_new_tokens=8, eos_token_id=None), expected)

@@ -25,7 +25,9 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000, 3)
 
 
-def _decode_loop(step: Any, head_and_embed: Any, first_ids: torch.Tensor, new_tokens: int) -> tuple[float, list[float]]:
+def _decode_loop(
+    step: Any, head_and_embed: Any, first_ids: torch.Tensor, new_tokens: int
+) -> tuple[float, list[float]]:
     """Greedy decode: returns (prefill seconds, per-step seconds), each including embeddings and LM head."""
     embed, head = head_and_embed
     t0 = time.perf_counter()
@@ -54,7 +56,9 @@ def bench_inference(args: argparse.Namespace) -> dict[str, Any]:
     max_length = args.prompt_tokens + args.new_tokens
     with tempfile.TemporaryDirectory(prefix="potluck-bench-") as logs, LocalSwarm(logs) as swarm:
         swarm.start_bootstrap()
-        procs = [swarm.start_server(model_path, s, wait=False, extra_args=["--throughput", "100"]) for s in spans]
+        procs = [
+            swarm.start_server(model_path, s, wait=False, extra_args=["--throughput", "100"]) for s in spans
+        ]
         swarm.wait_ready(procs)
         model = AutoDistributedModelForCausalLM.from_pretrained(
             model_path,
@@ -67,7 +71,10 @@ def bench_inference(args: argparse.Namespace) -> dict[str, Any]:
             with torch.inference_mode(), model.inference_session(max_length=max_length) as session:
                 parts = model.client
                 prefill, steps = _decode_loop(
-                    lambda h: session.step(parts.pre_blocks(h)), (parts.embed, parts.head), prompt, args.new_tokens
+                    lambda h: session.step(parts.pre_blocks(h)),
+                    (parts.embed, parts.head),
+                    prompt,
+                    args.new_tokens,
                 )
                 route = [f"{h.peer_id[-8:]}[{h.hop.start}:{h.hop.end}]" for h in session.remote.hops]
         finally:

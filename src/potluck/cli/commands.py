@@ -19,7 +19,9 @@ def bootstrap(args: argparse.Namespace) -> int:
     from potluck.swarm.transport import NodeOptions, SwarmNode
 
     async def run() -> None:
-        node = await SwarmNode.create(NodeOptions(host=args.host, port=args.port, identity_path=args.identity))
+        node = await SwarmNode.create(
+            NodeOptions(host=args.host, port=args.port, identity_path=args.identity)
+        )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -96,7 +98,9 @@ def generate(args: argparse.Namespace) -> int:
     model = AutoDistributedModelForCausalLM.from_pretrained(args.model, **_client_kwargs(args))
     try:
         if model.tokenizer is None:
-            print("error: the checkpoint has no tokenizer; use the Python API with token ids", file=sys.stderr)
+            print(
+                "error: the checkpoint has no tokenizer; use the Python API with token ids", file=sys.stderr
+            )
             return 2
         input_ids = model.tokenizer(args.prompt, return_tensors="pt").input_ids
         if args.seed is not None:

@@ -55,7 +55,9 @@ def run_demo(args: argparse.Namespace) -> int:
         _say(f"model {model_path} ({num_blocks} blocks); starting a bootstrap peer and {len(spans)} servers")
         swarm.start_bootstrap()
         servers = [
-            swarm.start_server(model_path, span, name=f"server{i}", wait=False, extra_args=["--update-period", "5"])
+            swarm.start_server(
+                model_path, span, name=f"server{i}", wait=False, extra_args=["--update-period", "5"]
+            )
             for i, span in enumerate(spans)
         ]
         swarm.wait_ready(servers)
@@ -90,7 +92,9 @@ def run_demo(args: argparse.Namespace) -> int:
                 out = model.generate(input_ids, max_new_tokens=max_new, streamer=_DemoStreamer(tok, on_token))
                 dt = time.perf_counter() - t0
                 new = out.shape[1] - input_ids.shape[1]
-                _say(f"{new} tokens in {dt:.2f}s ({new / dt:.1f} tokens/s), {session.remote.failovers} failover(s)")
+                _say(
+                    f"{new} tokens in {dt:.2f}s ({new / dt:.1f} tokens/s), {session.remote.failovers} failover(s)"
+                )
                 if killed:
                     route = [(h.peer_id, h.hop.start, h.hop.end) for h in session.remote.hops]
                     _say("route after failover: " + " -> ".join(f"…{p[-8:]}[{a}:{b}]" for p, a, b in route))
@@ -110,4 +114,6 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_demo(argparse.Namespace(model=None, prompt="The swarm is", max_new_tokens=48, no_failover=False)))
+    sys.exit(
+        run_demo(argparse.Namespace(model=None, prompt="The swarm is", max_new_tokens=48, no_failover=False))
+    )

@@ -6,6 +6,7 @@ server leaves nothing behind, as if its machine vanished.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -46,10 +47,8 @@ class SwarmProcess:
         return self.popen.poll() is None
 
     def signal_group(self, sig: int) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.popen.pid, sig)
-        except ProcessLookupError:
-            pass
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -127,7 +126,9 @@ class LocalSwarm:
         for proc in procs:
             while not proc.ready.wait(timeout=0.2):
                 if not proc.alive():
-                    raise LaunchError(f"{proc.name} exited with code {proc.popen.returncode}:\n{proc.log_tail()}")
+                    raise LaunchError(
+                        f"{proc.name} exited with code {proc.popen.returncode}:\n{proc.log_tail()}"
+                    )
                 if time.monotonic() > deadline:
                     raise LaunchError(f"{proc.name} was not ready within {timeout:.0f}s:\n{proc.log_tail()}")
 
@@ -147,10 +148,8 @@ class LocalSwarm:
         if proc.alive():
             proc.signal_group(signal.SIGCONT)  # a frozen process cannot handle SIGTERM
             proc.popen.send_signal(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.popen.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                pass
         proc.signal_group(signal.SIGKILL)  # whatever is left in the group (p2pd) goes too
         if proc.alive():
             proc.popen.wait(timeout=10)
@@ -163,10 +162,8 @@ class LocalSwarm:
                 proc.popen.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 20
         for proc in reversed(self.processes):
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
             proc.signal_group(signal.SIGKILL)
             if proc.alive():
                 proc.popen.wait(timeout=10)

@@ -28,7 +28,9 @@ def _add_network(p: argparse.ArgumentParser, *, peers_required: bool) -> None:
         metavar="MADDR",
         help="multiaddrs of swarm peers, as printed by `potluck bootstrap` (/ip4/.../tcp/.../p2p/...)",
     )
-    p.add_argument("--host", default=None, help="interface to listen on (default 0.0.0.0; 127.0.0.1 for loopback)")
+    p.add_argument(
+        "--host", default=None, help="interface to listen on (default 0.0.0.0; 127.0.0.1 for loopback)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="potluck", description="Run and fine-tune large language models on a swarm of ordinary machines."
     )
     parser.add_argument("--version", action="version", version=f"potluck {__version__}")
-    parser.add_argument("--log-level", default=os.environ.get("POTLUCK_LOG_LEVEL", "INFO"), help="DEBUG, INFO, ...")
+    parser.add_argument(
+        "--log-level", default=os.environ.get("POTLUCK_LOG_LEVEL", "INFO"), help="DEBUG, INFO, ..."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("bootstrap", help="run a DHT-only peer that others join through")
@@ -47,10 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve a span of a model's blocks to the swarm")
     p.add_argument("model", help="HF hub name or local checkpoint directory (safetensors)")
     p.add_argument("--blocks", type=_blocks, default=None, metavar="A:B", help="serve blocks A..B-1")
-    p.add_argument("--num-blocks", type=int, default=None, help="serve this many blocks, placed automatically")
+    p.add_argument(
+        "--num-blocks", type=int, default=None, help="serve this many blocks, placed automatically"
+    )
     _add_network(p, peers_required=True)
     p.add_argument("--port", type=int, default=0, help="TCP port to listen on (0: any free port)")
-    p.add_argument("--announce-maddrs", nargs="*", default=[], help="addresses others should dial, if different")
+    p.add_argument(
+        "--announce-maddrs", nargs="*", default=[], help="addresses others should dial, if different"
+    )
     p.add_argument("--identity", default=None, metavar="FILE", help="private key file for a fixed peer id")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -61,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-prefix", default=None, help="DHT name of the model (default: from MODEL)")
     p.add_argument("--step-timeout", type=float, default=300.0, help="close sessions idle this long (s)")
     p.add_argument("--update-period", type=float, default=15.0, help="re-announce records this often (s)")
-    p.add_argument("--throughput", type=float, default=None, help="announced tokens/s per block (default: measure)")
+    p.add_argument(
+        "--throughput", type=float, default=None, help="announced tokens/s per block (default: measure)"
+    )
     p.add_argument("--revision", default=None, help="hub revision")
     p.add_argument("--token", default=None, help="hub token for gated models")
 
@@ -85,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-prefix", default=None, help="DHT name of the model (default: from MODEL)")
 
     p = sub.add_parser("demo", help="start a local swarm, generate through it, survive a failure, stop it")
-    p.add_argument("--model", default=None, help="checkpoint to serve (default: a small Llama made on first run)")
+    p.add_argument(
+        "--model", default=None, help="checkpoint to serve (default: a small Llama made on first run)"
+    )
     p.add_argument("--prompt", default="The swarm is", help="prompt text")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--no-failover", action="store_true", help="skip killing a server mid-generation")
@@ -94,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
     b = bench.add_parser("inference", help="decode step time through a loopback swarm vs local")
     b.add_argument("--json", action="store_true", help="print only the JSON result")
-    b.add_argument("--model", default=None, help="checkpoint (default: the standard bench model, made on demand)")
+    b.add_argument(
+        "--model", default=None, help="checkpoint (default: the standard bench model, made on demand)"
+    )
     b.add_argument("--servers", type=int, default=2, help="number of servers splitting the blocks evenly")
     b.add_argument("--prompt-tokens", type=int, default=128)
     b.add_argument("--new-tokens", type=int, default=64)

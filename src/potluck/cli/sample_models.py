@@ -39,7 +39,9 @@ def _byte_tokenizer() -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-def _build(path: Path, config_kwargs: dict[str, Any], *, seed: int, tokenizer: Any = None, shard: str = "200MB") -> None:
+def _build(
+    path: Path, config_kwargs: dict[str, Any], *, seed: int, tokenizer: Any = None, shard: str = "200MB"
+) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 

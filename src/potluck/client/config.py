@@ -22,11 +22,15 @@ class ClientConfig:
     wait_for_servers: float = 60.0  # with no route, wait this long for servers to appear, then raise
     alloc_timeout: float = 30.0  # how long a server may queue our session for KV-cache room
     compression: str = "none"  # compression of hidden states we send and receive: none | fp16 | bf16 | int8
-    max_replay_tokens: int = 4096  # replay history to a replacement server in steps of at most this many tokens
+    max_replay_tokens: int = (
+        4096  # replay history to a replacement server in steps of at most this many tokens
+    )
     allowed_servers: tuple[str, ...] = ()  # if set, route only through these peer ids
     blocked_servers: tuple[str, ...] = ()  # never route through these peer ids
     show_route: bool = False  # log each route chosen
-    emulated_hop_delay: float = 0.0  # benchmarks only: sleep this long (s) before each send and after each reply
+    emulated_hop_delay: float = (
+        0.0  # benchmarks only: sleep this long (s) before each send and after each reply
+    )
 
     @classmethod
     def split_kwargs(cls, kwargs: dict[str, Any]) -> tuple[ClientConfig, dict[str, Any]]:

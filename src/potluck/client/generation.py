@@ -183,20 +183,3 @@ def generate_tokens(
     if streamer is not None:
         streamer.end()
     return sequences
-
-
-def generate_with_step_model(
-    step: StepFn,
-    input_ids: torch.Tensor,
-    generation_config: Any = None,
-    *,
-    streamer: Any = None,
-    tokenizer: Any = None,
-    stop_strings: Sequence[str] | None = None,
-    **kwargs: Any,
-) -> torch.Tensor:
-    """Convenience: ``GenerationParams.from_kwargs`` + :func:`generate_tokens` in one call."""
-    if stop_strings is not None:
-        kwargs["stop_strings"] = tuple(stop_strings)
-    params = GenerationParams.from_kwargs(generation_config, **kwargs)
-    return generate_tokens(step, input_ids, params, streamer=streamer, tokenizer=tokenizer)

@@ -176,7 +176,9 @@ class RemoteInferenceSession:
         """Route and open sessions for [start, end); servers that fail to open are banned and re-routed."""
         cfg = self.view.config
         for _attempt in range(cfg.max_retries + 1):
-            hops = await self.view.route(start, end, batch_tokens=self.batch_size * self.max_length, inference=True)
+            hops = await self.view.route(
+                start, end, batch_tokens=self.batch_size * self.max_length, inference=True
+            )
             opened: list[HopSession] = []
             try:
                 for hop in hops:
@@ -188,7 +190,9 @@ class RemoteInferenceSession:
                     await s.close()
                 with contextlib.suppress(Exception):
                     await self.view.refresh(min_age=1.0)
-        raise InferenceFailedError(f"could not open sessions for blocks {start}:{end} after {cfg.max_retries} retries")
+        raise InferenceFailedError(
+            f"could not open sessions for blocks {start}:{end} after {cfg.max_retries} retries"
+        )
 
     async def open(self) -> None:
         self.hops = await self._open_chain(0, self.view.num_blocks)
@@ -211,7 +215,9 @@ class RemoteInferenceSession:
         failures = 0
         while index < len(self.hops):
             hop = self.hops[index]
-            send_start = min(hop.server_length, position)  # a new server starts from 0, a synced one at position
+            send_start = min(
+                hop.server_length, position
+            )  # a new server starts from 0, a synced one at position
             if x_start > send_start:  # prepend history this server lacks (replay after a failover)
                 x_send = torch.cat([hop.history.get(send_start, x_start), x], dim=1)
             else:
@@ -251,14 +257,20 @@ class RemoteInferenceSession:
                 )
                 msg, tensors = await read_message(hop.reader, timeout=cfg.step_timeout)
             except asyncio.TimeoutError:
-                raise ServerFailure(hop.peer_id, f"no reply within the step timeout ({cfg.step_timeout}s)") from None
+                raise ServerFailure(
+                    hop.peer_id, f"no reply within the step timeout ({cfg.step_timeout}s)"
+                ) from None
             except (StreamClosed, ProtocolError, OSError, asyncio.IncompleteReadError) as e:
                 raise ServerFailure(hop.peer_id, f"connection lost: {type(e).__name__}: {e}") from e
             if cfg.emulated_hop_delay:
                 await asyncio.sleep(cfg.emulated_hop_delay)
             if isinstance(msg, ErrorReply):
                 raise ServerFailure(hop.peer_id, f"{msg.code}: {msg.message}")
-            if not isinstance(msg, InferenceStepResult) or len(tensors) != 1 or tensors[0].shape != piece.shape:
+            if (
+                not isinstance(msg, InferenceStepResult)
+                or len(tensors) != 1
+                or tensors[0].shape != piece.shape
+            ):
                 raise ServerFailure(hop.peer_id, "malformed step reply")
             outs.append(tensors[0])
         self.view.clear_ban(hop.peer_id)
@@ -278,7 +290,9 @@ class RemoteInferenceSession:
             )
         with contextlib.suppress(Exception):
             await self.view.refresh(min_age=1.0)
-        replacement = await self._open_chain(failed.hop.start, failed.hop.end)  # MissingBlocksError propagates
+        replacement = await self._open_chain(
+            failed.hop.start, failed.hop.end
+        )  # MissingBlocksError propagates
         replacement[0].history = failed.history.copy()
         self.hops[index : index + 1] = replacement
         self.failovers += 1

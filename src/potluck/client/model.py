@@ -26,7 +26,7 @@ from potluck.client.inference import RemoteInferenceSession
 from potluck.client.loop import LoopThread, shared_loop
 from potluck.client.remote_blocks import RemoteBlocks, RemoteBlocksFunction
 from potluck.client.swarm_view import SwarmView
-from potluck.models import load_client_parts, load_config
+from potluck.models import ClientParts, load_client_parts, load_config
 from potluck.swarm.records import model_prefix_for
 
 logger = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class DistributedModelForCausalLM(nn.Module):
         self,
         name_or_path: str,
         hf_config: Any,
-        client_parts: nn.Module,
+        client_parts: ClientParts,
         view: SwarmView,
         client_config: ClientConfig,
         loop: LoopThread,
@@ -211,11 +211,15 @@ class DistributedModelForCausalLM(nn.Module):
         already = session.position if session is not None else 0  # tokens the servers' caches hold
         if max_new_tokens is None:
             max_new_tokens = (max_length - input_ids.shape[1]) if max_length is not None else 20
-        if "eos_token_id" not in kwargs:  # HF default: stop at the checkpoint's eos; an explicit None never stops
+        if (
+            "eos_token_id" not in kwargs
+        ):  # HF default: stop at the checkpoint's eos; an explicit None never stops
             kwargs["eos_token_id"] = getattr(self.config, "eos_token_id", None)
         params = GenerationParams.from_kwargs(None, max_new_tokens=max_new_tokens, **kwargs)
         if session is None:
-            with self.inference_session(input_ids.shape[1] + max_new_tokens, batch_size=input_ids.shape[0]) as s:
+            with self.inference_session(
+                input_ids.shape[1] + max_new_tokens, batch_size=input_ids.shape[0]
+            ) as s:
                 return self._generate_in(s, input_ids, 0, params, streamer)
         if input_ids.shape[1] < already:
             raise RuntimeError(f"the session holds {already} tokens but only {input_ids.shape[1]} were given")
@@ -235,7 +239,9 @@ class DistributedModelForCausalLM(nn.Module):
             nonlocal first
             position = None
             ids = new_ids[:, already:] if first else new_ids  # the first call repeats the known prefix
-            if ids.shape[1] == 0:  # nothing new: recompute the last known token (rolls the caches back by one)
+            if (
+                ids.shape[1] == 0
+            ):  # nothing new: recompute the last known token (rolls the caches back by one)
                 ids, position = new_ids[:, -1:], session.position - 1
             first = False
             embeds = self.client.embed(ids)  # [B, t, H]
@@ -248,7 +254,9 @@ class DistributedModelForCausalLM(nn.Module):
 
 
 def _starts_with(ids: torch.Tensor, prefix: torch.Tensor) -> bool:
-    return ids.shape[1] >= prefix.shape[1] and bool((ids[:, : prefix.shape[1]] == prefix.to(ids.device)).all())
+    return ids.shape[1] >= prefix.shape[1] and bool(
+        (ids[:, : prefix.shape[1]] == prefix.to(ids.device)).all()
+    )
 
 
 def _load_tokenizer(name_or_path: str, revision: str | None, token: str | None) -> Any:

@@ -45,9 +45,13 @@ class RemoteBlocks:
         protocol = PROTOCOL_FORWARD if isinstance(request, ForwardRequest) else PROTOCOL_BACKWARD
         expected = ForwardResult if isinstance(request, ForwardRequest) else BackwardResult
         try:
-            reader, writer = await self.view.node.open_stream(hop.peer_id, protocol, timeout=cfg.connect_timeout)
+            reader, writer = await self.view.node.open_stream(
+                hop.peer_id, protocol, timeout=cfg.connect_timeout
+            )
             try:
-                await asyncio.wait_for(write_message(writer, request, tensors, cfg.compression), cfg.request_timeout)
+                await asyncio.wait_for(
+                    write_message(writer, request, tensors, cfg.compression), cfg.request_timeout
+                )
                 msg, out = await read_message(reader, timeout=cfg.request_timeout)
             finally:
                 writer.close()
@@ -84,7 +88,9 @@ class RemoteBlocks:
         (grad_in,) = await self._call(hop, req, [hidden, grad_out])
         return grad_in
 
-    async def forward(self, hidden: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, list[tuple[RouteHop, torch.Tensor]]]:
+    async def forward(
+        self, hidden: torch.Tensor, start: int, end: int
+    ) -> tuple[torch.Tensor, list[tuple[RouteHop, torch.Tensor]]]:
         """Run [start, end) on ``hidden`` [B, T, H]; returns the output and (hop, hop input) pairs."""
         trace: list[tuple[RouteHop, torch.Tensor]] = []
         block, x, failures = start, hidden, 0
@@ -110,7 +116,9 @@ class RemoteBlocks:
             grad = await self._backward_range(hop, hop_input, grad)
         return grad
 
-    async def _backward_range(self, hop: RouteHop, hop_input: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    async def _backward_range(
+        self, hop: RouteHop, hop_input: torch.Tensor, grad_out: torch.Tensor
+    ) -> torch.Tensor:
         failures = 0
         try:
             return await self.backward_hop(hop, hop_input, grad_out)

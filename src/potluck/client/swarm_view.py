@@ -128,10 +128,17 @@ class SwarmView:
             try:
                 if inference:
                     hops = find_inference_route(
-                        self.snapshot, start, end, rtts=self.rtts, batch_tokens=batch_tokens, banned=self.excluded()
+                        self.snapshot,
+                        start,
+                        end,
+                        rtts=self.rtts,
+                        batch_tokens=batch_tokens,
+                        banned=self.excluded(),
                     )
                 else:
-                    hops = find_forward_route(self.snapshot, start, end, rtts=self.rtts, banned=self.excluded())
+                    hops = find_forward_route(
+                        self.snapshot, start, end, rtts=self.rtts, banned=self.excluded()
+                    )
                 if self.config.show_route:
                     logger.info("route %d:%d: %s", start, end, format_route(hops))
                 return hops

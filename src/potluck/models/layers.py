@@ -13,7 +13,7 @@ from potluck.models.spec import RopeSpec
 
 # ``enable_gqa`` (torch >= 2.5) lets SDPA broadcast KV heads without materialising repeated keys, which matters
 # for long caches; older torch gets an explicit repeat.
-_SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+_SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
 class RMSNorm(nn.Module):

@@ -32,7 +32,9 @@ class CacheBudget:
         async with self._changed:
             try:
                 if self.left < tokens:  # wait_for with timeout 0 would fail even when room is there
-                    await asyncio.wait_for(self._changed.wait_for(lambda: self.left >= tokens), timeout=timeout)
+                    await asyncio.wait_for(
+                        self._changed.wait_for(lambda: self.left >= tokens), timeout=timeout
+                    )
             except asyncio.TimeoutError:
                 raise CacheFullError(
                     f"no KV-cache room for {tokens} tokens within {timeout:.1f}s ({self.left} of {self.capacity} free)"

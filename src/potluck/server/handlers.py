@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
@@ -113,7 +114,9 @@ class ServerState:
 
     def check_span(self, model: str, start: int, end: int) -> BlockSpan:
         if model != self.model_prefix:
-            raise BadRequest(f"this server serves model {self.model_prefix!r}, not {model!r}", "unknown_model")
+            raise BadRequest(
+                f"this server serves model {self.model_prefix!r}, not {model!r}", "unknown_model"
+            )
         if self.state == "offline":
             raise BadRequest("server is draining: use another server", "draining", retryable=True)
         if not (self.span.start <= start < end <= self.span.end):
@@ -219,7 +222,9 @@ class Handlers:
             try:
                 await write_message(
                     writer,
-                    InferenceOpened(session_id=session_id, start=msg.start, end=msg.end, max_length=msg.max_length),
+                    InferenceOpened(
+                        session_id=session_id, start=msg.start, end=msg.end, max_length=msg.max_length
+                    ),
                 )
                 await self._steps(span, cache, msg, reader, writer)
             finally:
@@ -257,7 +262,9 @@ class Handlers:
             self.s.check_hidden(hidden, "hidden states", batch=opened.batch_size)
             num_new = hidden.shape[1]
             if msg.position > cache.length:
-                raise BadRequest(f"step at position {msg.position} but the session holds only {cache.length} tokens")
+                raise BadRequest(
+                    f"step at position {msg.position} but the session holds only {cache.length} tokens"
+                )
             if msg.position + num_new > cache.max_length:
                 raise BadRequest(
                     f"step would reach {msg.position + num_new} tokens, above the session's max_length "
@@ -268,27 +275,37 @@ class Handlers:
                 if len(msg.hypo_ids) != opened.batch_size or not all(
                     0 <= i < opened.batch_size for i in msg.hypo_ids
                 ):
-                    raise BadRequest(f"hypo_ids must be {opened.batch_size} row indices in 0..{opened.batch_size - 1}")
+                    raise BadRequest(
+                        f"hypo_ids must be {opened.batch_size} row indices in 0..{opened.batch_size - 1}"
+                    )
                 hypo_ids = torch.tensor(msg.hypo_ids, dtype=torch.long)
-            out_dtype = hidden.dtype
-            position = msg.position
-
-            def run_step() -> torch.Tensor:
-                with torch.inference_mode():
-                    if position < cache.length:
-                        cache.rollback(position)
-                    if hypo_ids is not None:
-                        cache.reorder(hypo_ids.to(cache.keys[0].device))
-                    x = hidden.to(device=self.s.device, dtype=self.s.dtype)  # [B, T, H]
-                    return span(x, cache=cache).to(device="cpu", dtype=out_dtype)  # [B, T, H]
-
-            out = await self.s.compute(PRIORITY_INFERENCE, run_step)
+            out = await self.s.compute(
+                PRIORITY_INFERENCE,
+                functools.partial(self._run_step, span, cache, hidden, msg.position, hypo_ids),
+            )
             await write_message(
                 writer,
                 InferenceStepResult(step_id=msg.step_id, position=cache.length),
                 [out],
                 opened.output_compression,
             )
+
+    def _run_step(
+        self,
+        span: BlockSpan,
+        cache: KVCache,
+        hidden: torch.Tensor,
+        position: int,
+        hypo_ids: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """On the compute thread: roll back / reorder the cache if asked, then run the new tokens."""
+        with torch.inference_mode():
+            if position < cache.length:
+                cache.rollback(position)
+            if hypo_ids is not None:
+                cache.reorder(hypo_ids.to(cache.keys[0].device))
+            x = hidden.to(device=self.s.device, dtype=self.s.dtype)  # [B, T, H]
+            return span(x, cache=cache).to(device="cpu", dtype=hidden.dtype)  # [B, T, H]
 
     # --- forward / backward ------------------------------------------------------------------------------
 
@@ -322,7 +339,9 @@ class Handlers:
         hidden, prompts = self._unpack_inputs(span, tensors, msg.has_prompts, extra=1)
         grad_out = tensors[1]
         if grad_out.shape != hidden.shape:
-            raise BadRequest(f"grad_out shape {list(grad_out.shape)} differs from hidden {list(hidden.shape)}")
+            raise BadRequest(
+                f"grad_out shape {list(grad_out.shape)} differs from hidden {list(hidden.shape)}"
+            )
 
         def run() -> list[torch.Tensor]:
             with torch.enable_grad():
@@ -352,8 +371,10 @@ class Handlers:
             n = span.end - span.start
             if prompts.ndim != 4 or prompts.shape[0] != n or prompts.shape[1] != hidden.shape[0]:
                 raise BadRequest(f"prompts must be [{n}, batch, prefix, hidden], got {list(prompts.shape)}")
-            if prompts.shape[3] != self.hidden_size or prompts.shape[2] > hidden.shape[1]:
-                raise BadRequest(f"prompts {list(prompts.shape)} do not fit hidden states {list(hidden.shape)}")
+            if prompts.shape[3] != self.s.hidden_size or prompts.shape[2] > hidden.shape[1]:
+                raise BadRequest(
+                    f"prompts {list(prompts.shape)} do not fit hidden states {list(hidden.shape)}"
+                )
         return hidden, prompts
 
 

@@ -25,7 +25,8 @@ from potluck.server.handlers import (
 )
 from potluck.server.runtime import Runtime
 from potluck.server.throughput import measure_throughput
-from potluck.swarm.records import ServerRecord, ServerState as RecordState, block_key, model_prefix_for, record_to_dht
+from potluck.swarm.records import ServerRecord, block_key, model_prefix_for, record_to_dht
+from potluck.swarm.records import ServerState as RecordState
 from potluck.swarm.transport import SwarmNode
 from potluck.wire import DEFAULT_LIMITS
 
@@ -67,10 +68,14 @@ class Server:
         hf_config = load_config(cfg.model, revision=cfg.revision, token=cfg.token)
         num_layers = int(hf_config.num_hidden_layers)
         if cfg.blocks is None:
-            raise ValueError("choose the span with --blocks A:B (automatic placement comes with load balancing)")
+            raise ValueError(
+                "choose the span with --blocks A:B (automatic placement comes with load balancing)"
+            )
         start, end = cfg.blocks
         if not (0 <= start < end <= num_layers):
-            raise ValueError(f"--blocks {start}:{end} is outside the model's {num_layers} blocks (0:{num_layers})")
+            raise ValueError(
+                f"--blocks {start}:{end} is outside the model's {num_layers} blocks (0:{num_layers})"
+            )
         dtype = resolve_dtype(cfg.dtype, cfg.device)
 
         self.node = await SwarmNode.create(cfg.node)
@@ -81,7 +86,14 @@ class Server:
             await self._announce("joining", start, end, cache_left=cfg.cache_tokens, dtype=dtype)
             logger.info("loading blocks %d:%d of %s (%s, %s)", start, end, cfg.model, dtype, cfg.device)
             span = await asyncio.to_thread(
-                load_span, cfg.model, start, end, dtype=dtype, device=cfg.device, revision=cfg.revision, token=cfg.token
+                load_span,
+                cfg.model,
+                start,
+                end,
+                dtype=dtype,
+                device=cfg.device,
+                revision=cfg.revision,
+                token=cfg.token,
             )
             span.requires_grad_(False)
             runtime = Runtime()
@@ -151,7 +163,9 @@ class Server:
         s = self.state
         await self._announce(s.state, s.span.start, s.span.end, cache_left=s.budget.left, dtype=s.dtype)
 
-    async def _announce(self, state: str, start: int, end: int, *, cache_left: int, dtype: torch.dtype) -> None:
+    async def _announce(
+        self, state: str, start: int, end: int, *, cache_left: int, dtype: torch.dtype
+    ) -> None:
         assert self.node is not None
         tp = self._throughput
         record = ServerRecord(

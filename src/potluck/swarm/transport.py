@@ -34,10 +34,14 @@ class SwarmError(RuntimeError):
 class NodeOptions:
     """How a node joins the swarm."""
 
-    initial_peers: tuple[str, ...] = ()  # multiaddrs of any peers already in the swarm; empty starts a new one
+    initial_peers: tuple[
+        str, ...
+    ] = ()  # multiaddrs of any peers already in the swarm; empty starts a new one
     host: str = "0.0.0.0"  # interface to listen on; 127.0.0.1 keeps a test swarm on loopback
     port: int = 0  # TCP port to listen on; 0 picks a free one
-    announce_maddrs: tuple[str, ...] = ()  # addresses others should dial, when they differ from the listened ones
+    announce_maddrs: tuple[
+        str, ...
+    ] = ()  # addresses others should dial, when they differ from the listened ones
     identity_path: str | None = None  # private key file: a fixed peer id across restarts
     client_mode: bool = False  # a client takes no incoming DHT requests and is not stored in routing tables
     startup_timeout: float = 30.0  # seconds to wait for p2pd to start and the DHT to bootstrap
@@ -128,7 +132,9 @@ class SwarmNode:
 
     async def get_many(self, keys: Sequence[str], *, timeout: float = 10.0) -> dict[str, dict[str, Any]]:
         """For each key, its unexpired {subkey: value}; a key with nothing stored maps to {}."""
-        found = await asyncio.wait_for(self._dht.get_many(list(keys), sufficient_expiration_time=float("inf")), timeout=timeout)
+        found = await asyncio.wait_for(
+            self._dht.get_many(list(keys), sufficient_expiration_time=float("inf")), timeout=timeout
+        )
         out: dict[str, dict[str, Any]] = {}
         for key in keys:
             entry = found.get(key)
