@@ -77,6 +77,7 @@ def bench_inference(args: argparse.Namespace) -> dict[str, Any]:
                     args.new_tokens,
                 )
                 route = [f"{h.peer_id[-8:]}[{h.hop.start}:{h.hop.end}]" for h in session.remote.hops]
+                decode_hops = list(session.remote.hop_times)[len(session.remote.hops) :]  # skip the prefill
         finally:
             model.shutdown()
         local = LocalCausalLM.from_pretrained(model_path)
@@ -108,6 +109,9 @@ def bench_inference(args: argparse.Namespace) -> dict[str, Any]:
         "local_step_mean_ms": _ms(statistics.mean(local_steps)),
         "step_ratio": round(swarm_step / local_step, 3),
         "overhead_per_token_ms": _ms(swarm_step - local_step),
+        # where the time goes: per hop, client-observed minus server-reported (network, p2pd, framing)
+        "hop_transport_ms": _ms(statistics.median(t - s for _, t, s in decode_hops)),
+        "hop_server_ms": _ms(statistics.median(s for _, _, s in decode_hops)),
         "torch_threads": torch.get_num_threads(),
     }
 

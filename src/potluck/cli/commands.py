@@ -16,6 +16,7 @@ logger = logging.getLogger("potluck")
 
 
 def bootstrap(args: argparse.Namespace) -> int:
+    from potluck.swarm import aio
     from potluck.swarm.transport import NodeOptions, SwarmNode
 
     async def run() -> None:
@@ -37,7 +38,7 @@ def bootstrap(args: argparse.Namespace) -> int:
             await node.shutdown()
             logger.info("bootstrap peer stopped")
 
-    asyncio.run(run())
+    aio.run(run())
     return 0
 
 

@@ -135,6 +135,10 @@ def _setup_logging(level: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Several potluck processes often share a machine's cores (a server beside a client, a local swarm); OpenMP
+    # threads that spin-wait between parallel regions then steal cycles from whichever process is computing.
+    # Must be set before torch loads its OpenMP runtime.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
     from potluck.cli import commands

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from potluck.models import load_config
+from potluck.swarm import aio
 from potluck.swarm.records import SwarmSnapshot, block_key, model_prefix_for
 from potluck.swarm.routing import format_block_ranges
 from potluck.swarm.transport import NodeOptions, SwarmNode
@@ -63,7 +63,7 @@ def gather_status(
 ) -> dict[str, Any]:
     num_blocks = int(load_config(model).num_hidden_layers)
     prefix = model_prefix or model_prefix_for(model)
-    return snapshot_report(asyncio.run(read_snapshot(initial_peers, prefix, num_blocks, host)))
+    return snapshot_report(aio.run(read_snapshot(initial_peers, prefix, num_blocks, host)))
 
 
 def render_status(report: dict[str, Any]) -> str:

@@ -10,6 +10,7 @@ the same round trip. Downstream hops that were already in sync get only the new 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -134,6 +135,8 @@ class RemoteInferenceSession:
         self.hops: list[HopSession] = []
         self.failovers = 0  # servers replaced during this session, for logs and benchmarks
         self.last_failover_at: float | None = None
+        # (peer, seconds from send to reply, seconds the server reported): per-hop overhead for benchmarks
+        self.hop_times: collections.deque[tuple[str, float, float]] = collections.deque(maxlen=4096)
         self._closed = False
 
     # --- opening ---------------------------------------------------------------------------------------
@@ -161,7 +164,7 @@ class RemoteInferenceSession:
                 timeout=cfg.connect_timeout,
             )
             msg, _ = await read_message(reader, timeout=cfg.connect_timeout + cfg.alloc_timeout)
-        except (OSError, asyncio.TimeoutError, ProtocolError, StreamClosed, asyncio.IncompleteReadError) as e:
+        except (TimeoutError, OSError, ProtocolError, StreamClosed, asyncio.IncompleteReadError) as e:
             raise ServerFailure(hop.peer_id, f"could not open a session: {type(e).__name__}: {e}") from e
         except Exception as e:  # p2pd reports unreachable peers with its own exception types
             raise ServerFailure(hop.peer_id, f"could not open a session: {type(e).__name__}: {e}") from e
@@ -245,6 +248,7 @@ class RemoteInferenceSession:
             hop.step_id += 1
             if cfg.emulated_hop_delay:
                 await asyncio.sleep(cfg.emulated_hop_delay)  # emulated one-way WAN latency (benchmarks)
+            sent_at = time.perf_counter()
             try:
                 await asyncio.wait_for(
                     write_message(
@@ -256,7 +260,7 @@ class RemoteInferenceSession:
                     timeout=cfg.step_timeout,
                 )
                 msg, tensors = await read_message(hop.reader, timeout=cfg.step_timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise ServerFailure(
                     hop.peer_id, f"no reply within the step timeout ({cfg.step_timeout}s)"
                 ) from None
@@ -273,6 +277,7 @@ class RemoteInferenceSession:
             ):
                 raise ServerFailure(hop.peer_id, "malformed step reply")
             outs.append(tensors[0])
+            self.hop_times.append((hop.peer_id, time.perf_counter() - sent_at, msg.server_ms / 1000))
         self.view.clear_ban(hop.peer_id)
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 

@@ -12,6 +12,8 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from potluck.swarm import aio
+
 T = TypeVar("T")
 
 
@@ -19,7 +21,7 @@ class LoopThread:
     """An asyncio loop running forever in a daemon thread."""
 
     def __init__(self, name: str = "potluck-client-loop"):
-        self.loop = asyncio.new_event_loop()
+        self.loop = aio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 

@@ -55,7 +55,7 @@ class RemoteBlocks:
                 msg, out = await read_message(reader, timeout=cfg.request_timeout)
             finally:
                 writer.close()
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ServerFailure(hop.peer_id, f"no reply within {cfg.request_timeout}s") from None
         except (StreamClosed, ProtocolError, OSError, asyncio.IncompleteReadError) as e:
             raise ServerFailure(hop.peer_id, f"connection lost: {type(e).__name__}: {e}") from e

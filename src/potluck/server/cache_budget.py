@@ -35,7 +35,7 @@ class CacheBudget:
                     await asyncio.wait_for(
                         self._changed.wait_for(lambda: self.left >= tokens), timeout=timeout
                     )
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise CacheFullError(
                     f"no KV-cache room for {tokens} tokens within {timeout:.1f}s ({self.left} of {self.capacity} free)"
                 ) from None

@@ -171,7 +171,7 @@ async def _guarded(writer: asyncio.StreamWriter, peer: str, what: str, body: Cal
         await _reply_error(writer, "cache_full", str(e), True)
     except (StreamClosed, ConnectionError, asyncio.IncompleteReadError):
         logger.debug("%s from %s: stream closed", what, peer[-8:])
-    except asyncio.TimeoutError:
+    except TimeoutError:
         logger.info("%s from %s timed out", what, peer[-8:])
         await _reply_error(writer, "timeout", f"{what}: timed out waiting for the client", True)
     except Exception as e:
@@ -279,13 +279,18 @@ class Handlers:
                         f"hypo_ids must be {opened.batch_size} row indices in 0..{opened.batch_size - 1}"
                     )
                 hypo_ids = torch.tensor(msg.hypo_ids, dtype=torch.long)
+            received = time.perf_counter()
             out = await self.s.compute(
                 PRIORITY_INFERENCE,
                 functools.partial(self._run_step, span, cache, hidden, msg.position, hypo_ids),
             )
             await write_message(
                 writer,
-                InferenceStepResult(step_id=msg.step_id, position=cache.length),
+                InferenceStepResult(
+                    step_id=msg.step_id,
+                    position=cache.length,
+                    server_ms=(time.perf_counter() - received) * 1000,
+                ),
                 [out],
                 opened.output_compression,
             )

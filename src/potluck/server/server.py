@@ -25,6 +25,7 @@ from potluck.server.handlers import (
 )
 from potluck.server.runtime import Runtime
 from potluck.server.throughput import measure_throughput
+from potluck.swarm import aio
 from potluck.swarm.records import ServerRecord, block_key, model_prefix_for, record_to_dht
 from potluck.swarm.records import ServerState as RecordState
 from potluck.swarm.transport import SwarmNode
@@ -203,7 +204,7 @@ def run_server(config: ServerConfig) -> int:
     """Blocking entry point for ``potluck serve``."""
     t0 = time.monotonic()
     try:
-        asyncio.run(Server(config).run())
+        aio.run(Server(config).run())
     except KeyboardInterrupt:
         pass
     except Exception as e:

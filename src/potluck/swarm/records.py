@@ -22,7 +22,7 @@ import logging
 import re
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from types import MappingProxyType
 from typing import Annotated, Any, NewType
 
@@ -50,7 +50,7 @@ _Rate = Annotated[float, Field(strict=True, ge=0.0, allow_inf_nan=False)]
 _PeerKey = Annotated[str, Field(strict=True, min_length=1, max_length=MAX_PEER_ID_CHARS)]
 
 
-class ServerState(str, Enum):
+class ServerState(StrEnum):
     """Lifecycle of a server as announced in its records."""
 
     joining = "joining"  # loading blocks; counts for placement (so joiners spread out), not for routing

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import json
 import struct
-import sys
 from collections.abc import Generator, Sequence
 from typing import Any, Protocol
 
@@ -270,7 +269,6 @@ async def read_message(
     """
     if timeout is None:
         return await _read_frame(reader, limits)
-    if sys.version_info >= (3, 11):
-        async with asyncio.timeout(timeout):  # no extra task per message, unlike wait_for
-            return await _read_frame(reader, limits)
+    async with asyncio.timeout(timeout):  # no extra task per message, unlike wait_for
+        return await _read_frame(reader, limits)
     return await asyncio.wait_for(_read_frame(reader, limits), timeout)

@@ -88,6 +88,9 @@ class InferenceStepResult(Message):
     kind: Literal["inference_step_result"] = "inference_step_result"
     step_id: int
     position: int  # cache length after the step
+    server_ms: float = (
+        0.0  # time from receiving the step to sending this reply (queue + compute), for RTT estimates
+    )
 
 
 class CloseInference(Message):
