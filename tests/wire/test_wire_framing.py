@@ -23,6 +23,7 @@ from potluck.wire import (
     ProtocolError,
     StreamClosed,
     TensorLimitError,
+    Tuning,
     WireLimits,
     decode_message,
     encode_message,
@@ -103,7 +104,7 @@ F32_META = {"dtype": "float32", "shape": [2, 2], "compression": "none", "nbytes"
         ),  # fmt: skip
         OpenInference(model="m", start=1, end=3, max_length=128, batch_size=2, alloc_timeout=1.5),
         STEP,
-        ForwardRequest(model="m", start=0, end=2, has_prompts=True, output_compression="int8"),
+        ForwardRequest(model="m", start=0, end=2, tuning=Tuning(has_prompts=True), output_compression="int8"),
         ErrorReply(code="cache_full", message="no room \u2603", retryable=True),
     ],
 )
@@ -122,7 +123,7 @@ def test_compressed_message_roundtrip(compression: str) -> None:
     hidden = torch.randn(2, 5, 64)  # [B, T, H]
     prompts = torch.randn(3, 2, 4, 64).to(torch.bfloat16)  # [n, B, P, H]
     ids = torch.arange(10).view(2, 5)
-    msg = BackwardRequest(model="m", start=0, end=1, has_prompts=True)
+    msg = BackwardRequest(model="m", start=0, end=1, tuning=Tuning(has_prompts=True))
     got, (h, p, i) = decode_message(b"".join(encode_message(msg, [hidden, prompts, ids], compression)))
     assert got == msg and h.dtype == torch.float32 and p.dtype == torch.bfloat16 and torch.equal(i, ids)
     tol = {"none": 0, "fp16": 2e-3, "bf16": 2e-2, "int8": 3e-2}[compression]
@@ -326,7 +327,7 @@ GARBAGE: dict[str, tuple[bytes, type[Exception], str]] = {
         TensorLimitError,
         "exceeds max_elements",
     ),
-    "too many tensors": (frame(header(tensors=[F32_META] * 17)), TensorLimitError, "max_tensors=16"),
+    "too many tensors": (frame(header(tensors=[F32_META] * 65)), TensorLimitError, "max_tensors=64"),
     "too many dims": (
         frame(header(tensors=[{**F32_META, "shape": [1] * 6, "nbytes": 4}])),
         TensorLimitError,

@@ -15,6 +15,7 @@ from potluck.wire import (
     ForwardRequest,
     ProtocolError,
     StreamClosed,
+    Tuning,
     WireLimits,
     decode_message,
     encode_message,
@@ -33,7 +34,7 @@ def valid_frame() -> bytes:
         torch.tensor([True, False, True]),
         torch.arange(6, dtype=torch.int64).view(2, 3),
     ]
-    msg = ForwardRequest(model="m", start=0, end=2, has_prompts=True)
+    msg = ForwardRequest(model="m", start=0, end=2, tuning=Tuning(has_prompts=True))
     return b"".join(encode_message(msg, tensors, "none", chunk_size=64))
 
 

@@ -178,3 +178,52 @@ def bench_failover(args: argparse.Namespace) -> dict[str, Any]:
         "replayed_tokens": replayed,
         "output_matches_local": bool(torch.equal(out, expected)),
     }
+
+
+def bench_train(args: argparse.Namespace) -> dict[str, Any]:
+    """One training step = forward + backward to the input embeddings (what prompt tuning needs)."""
+    from potluck import AutoDistributedModelForCausalLM
+    from potluck.cli.sample_models import bench_model_path
+    from potluck.models import LocalCausalLM, load_config
+
+    model_path = args.model or bench_model_path()
+    config = load_config(model_path)
+    spans = _even_spans(int(config.num_hidden_layers), args.servers)
+    torch.manual_seed(0)
+    ids = torch.randint(0, int(config.vocab_size), (args.batch, args.seq_len))
+
+    def timed(model: Any) -> list[float]:
+        times = []
+        for _ in range(args.steps + 1):  # the first step warms up
+            embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+            t0 = time.perf_counter()
+            loss = model(inputs_embeds=embeds, labels=ids).loss
+            loss.backward()
+            times.append(time.perf_counter() - t0)
+        return times[1:]
+
+    with tempfile.TemporaryDirectory(prefix="potluck-bench-") as logs, LocalSwarm(logs) as swarm:
+        swarm.start_bootstrap()
+        procs = [
+            swarm.start_server(model_path, s, wait=False, extra_args=["--throughput", "100"]) for s in spans
+        ]
+        swarm.wait_ready(procs)
+        with AutoDistributedModelForCausalLM.from_pretrained(
+            model_path, initial_peers=swarm.initial_peers, load_tokenizer=False
+        ) as remote:
+            swarm_times = timed(remote)
+    local = LocalCausalLM.from_pretrained(model_path)
+    local.requires_grad_(False)  # like the swarm: frozen weights, gradients only for the inputs
+    local_times = timed(local)
+    swarm_step, local_step = statistics.median(swarm_times), statistics.median(local_times)
+    return {
+        "bench": "train",
+        "model": model_path,
+        "servers": len(spans),
+        "batch": args.batch,
+        "seq_len": args.seq_len,
+        "swarm_step_ms": _ms(swarm_step),
+        "local_step_ms": _ms(local_step),
+        "step_ratio": round(swarm_step / local_step, 3),
+        "torch_threads": torch.get_num_threads(),
+    }

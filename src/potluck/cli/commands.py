@@ -77,6 +77,7 @@ def serve(args: argparse.Namespace) -> int:
         update_period=args.update_period,
         expiration=max(3 * args.update_period, 5.0),
         throughput=args.throughput,
+        adapters=tuple(args.adapters),
     )
     return run_server(config)
 
@@ -133,6 +134,12 @@ def status(args: argparse.Namespace) -> int:
     return 0 if not report["missing_blocks"] else 1
 
 
+def finetune(args: argparse.Namespace) -> int:
+    from potluck.cli.finetune import run_finetune
+
+    return run_finetune(args)
+
+
 def demo(args: argparse.Namespace) -> int:
     from potluck.cli.demo import run_demo
 
@@ -142,7 +149,12 @@ def demo(args: argparse.Namespace) -> int:
 def bench(args: argparse.Namespace) -> int:
     from potluck.cli import bench as bench_mod
 
-    result = {"inference": bench_mod.bench_inference, "failover": bench_mod.bench_failover}[args.bench](args)
+    runners = {
+        "inference": bench_mod.bench_inference,
+        "failover": bench_mod.bench_failover,
+        "train": bench_mod.bench_train,
+    }
+    result = runners[args.bench](args)
     text = json.dumps(result, indent=None if args.json else 2)
     print(text)
     with contextlib.suppress(Exception):

@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--throughput", type=float, default=None, help="announced tokens/s per block (default: measure)"
     )
+    p.add_argument("--adapters", nargs="*", default=[], metavar="DIR", help="PEFT LoRA adapters to preload")
     p.add_argument("--revision", default=None, help="hub revision")
     p.add_argument("--token", default=None, help="hub token for gated models")
 
@@ -94,6 +95,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--model-prefix", default=None, help="DHT name of the model (default: from MODEL)")
 
+    p = sub.add_parser("finetune", help="train a soft prompt or LoRA adapters against a running swarm")
+    p.add_argument("model", help="HF hub name or local checkpoint directory (for the client parts)")
+    _add_network(p, peers_required=True)
+    p.add_argument("--mode", choices=["ptune", "deep_ptune", "lora"], default="lora", help="what to train")
+    p.add_argument("--pre-seq-len", type=int, default=8, help="soft-prompt length (ptune, deep_ptune)")
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--lora-targets", nargs="*", default=[], help="projections to adapt (default: q and v)")
+    p.add_argument(
+        "--data", default=None, help="a text file, one example per line (default: a tiny built-in task)"
+    )
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save", default=None, metavar="DIR", help="write the trained adapters / prompts here")
+    p.add_argument("--json", action="store_true", help="also print the losses as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
     p = sub.add_parser("demo", help="start a local swarm, generate through it, survive a failure, stop it")
     p.add_argument(
         "--model", default=None, help="checkpoint to serve (default: a small Llama made on first run)"
@@ -114,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--new-tokens", type=int, default=64)
     b.add_argument("--hop-delay-ms", type=float, default=0.0, help="emulated one-way delay per hop (ms)")
     b.add_argument("--compression", default="none", choices=["none", "fp16", "bf16", "int8"])
+    b = bench.add_parser("train", help="forward+backward step through a loopback swarm vs local")
+    b.add_argument("--json", action="store_true", help="print only the JSON result")
+    b.add_argument("--model", default=None, help="checkpoint (default: the standard bench model)")
+    b.add_argument("--servers", type=int, default=2)
+    b.add_argument("--batch", type=int, default=4)
+    b.add_argument("--seq-len", type=int, default=128)
+    b.add_argument("--steps", type=int, default=3)
     b = bench.add_parser("failover", help="time from a server's death to the next token")
     b.add_argument("--json", action="store_true", help="print only the JSON result")
     b.add_argument("--model", default=None, help="checkpoint (default: the standard bench model)")
@@ -149,6 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "generate": commands.generate,
         "status": commands.status,
         "demo": commands.demo,
+        "finetune": commands.finetune,
         "bench": commands.bench,
     }[args.command]
     try:

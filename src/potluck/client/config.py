@@ -28,6 +28,14 @@ class ClientConfig:
     allowed_servers: tuple[str, ...] = ()  # if set, route only through these peer ids
     blocked_servers: tuple[str, ...] = ()  # never route through these peer ids
     show_route: bool = False  # log each route chosen
+    tuning_mode: str | None = (
+        None  # None | "ptune" (trainable soft prompt) | "deep_ptune" (+ a prompt per block)
+    )
+    pre_seq_len: int = 16  # soft-prompt length for ptune / deep_ptune
+    lora_rank: int = 0  # > 0: client-owned LoRA adapters of this rank on the remote blocks
+    lora_alpha: float = 16.0  # LoRA scaling numerator (scaling = alpha / rank)
+    lora_targets: tuple[str, ...] = ()  # projections to adapt; empty: the family default (q and v)
+    active_adapter: str | None = None  # use a PEFT adapter preloaded by the servers (`serve --adapters`)
     emulated_hop_delay: float = (
         0.0  # benchmarks only: sleep this long (s) before each send and after each reply
     )
@@ -37,7 +45,7 @@ class ClientConfig:
         """Take this config's fields out of ``kwargs``; return (config, remaining kwargs)."""
         names = {f.name for f in fields(cls)}
         mine = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
-        for key in ("initial_peers", "allowed_servers", "blocked_servers"):
+        for key in ("initial_peers", "allowed_servers", "blocked_servers", "lora_targets"):
             if key in mine and isinstance(mine[key], str):
                 mine[key] = (mine[key],)
             if key in mine:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from potluck.client.swarm_view import SwarmView, format_route
+from potluck.client.tuning import TuningPayload
 from potluck.server.handlers import PROTOCOL_INFERENCE
 from potluck.swarm.routing import RouteHop
 from potluck.wire import (
@@ -127,8 +128,11 @@ class HopSession:
 class RemoteInferenceSession:
     """One generation's sessions across the chain; ``step`` maps hidden states [B, T, H] through all blocks."""
 
-    def __init__(self, view: SwarmView, *, max_length: int, batch_size: int):
+    def __init__(
+        self, view: SwarmView, *, max_length: int, batch_size: int, tuning: TuningPayload | None = None
+    ):
         self.view = view
+        self.tuning = tuning or TuningPayload()  # prompts / adapters, sent to each server once at open
         self.max_length = max_length
         self.batch_size = batch_size
         self.position = 0  # tokens processed so far
@@ -148,6 +152,7 @@ class RemoteInferenceSession:
             reader, writer = await self.view.node.open_stream(
                 hop.peer_id, PROTOCOL_INFERENCE, timeout=cfg.connect_timeout
             )
+            tuning, tuning_tensors = self.tuning.for_hop(hop)
             await asyncio.wait_for(
                 write_message(
                     writer,
@@ -159,7 +164,9 @@ class RemoteInferenceSession:
                         batch_size=self.batch_size,
                         alloc_timeout=cfg.alloc_timeout,
                         output_compression=cfg.compression,  # type: ignore[arg-type]
+                        tuning=tuning,
                     ),
+                    tuning_tensors,
                 ),
                 timeout=cfg.connect_timeout,
             )

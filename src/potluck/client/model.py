@@ -24,9 +24,10 @@ from potluck.client.config import ClientConfig
 from potluck.client.generation import GenerationParams, generate_tokens
 from potluck.client.inference import RemoteInferenceSession
 from potluck.client.loop import LoopThread, shared_loop
-from potluck.client.remote_blocks import RemoteBlocks, RemoteBlocksFunction
+from potluck.client.remote_blocks import RemoteBlocks, remote_blocks
 from potluck.client.swarm_view import SwarmView
-from potluck.models import ClientParts, load_client_parts, load_config
+from potluck.client.tuning import TUNING_MODES, PromptTuning, RemoteLora, TuningPayload, default_lora_targets
+from potluck.models import ClientParts, LoraConfig, load_client_parts, load_config
 from potluck.swarm.records import model_prefix_for
 
 logger = logging.getLogger(__name__)
@@ -41,14 +42,20 @@ class CausalLMOutput:
 class InferenceSession:
     """A sync handle over ``RemoteInferenceSession`` that also remembers the token ids it has processed."""
 
-    def __init__(self, model: DistributedModelForCausalLM, remote: RemoteInferenceSession):
+    def __init__(
+        self, model: DistributedModelForCausalLM, remote: RemoteInferenceSession, prefix_length: int = 0
+    ):
         self.model = model
         self.remote = remote
-        self.token_ids: torch.Tensor | None = None  # [B, position] tokens already in the servers' caches
+        self.prefix_length = prefix_length  # soft-prompt positions fed before the first token
+        self.token_ids: torch.Tensor | None = (
+            None  # [B, n] the token sequence so far (the last may not be fed)
+        )
 
     @property
     def position(self) -> int:
-        return self.remote.position
+        """Tokens (not counting soft-prompt positions) the servers' caches hold."""
+        return max(0, self.remote.position - self.prefix_length)
 
     @property
     def max_length(self) -> int:
@@ -92,6 +99,28 @@ class DistributedModelForCausalLM(nn.Module):
         self.tokenizer = tokenizer
         self.blocks = RemoteBlocks(view)
         self._closed = False
+        spec, family = client_parts.spec, client_parts.family.name
+        dtype = next(client_parts.parameters()).dtype
+        mode = client_config.tuning_mode
+        if mode not in TUNING_MODES:
+            raise ValueError(f"tuning_mode must be one of {TUNING_MODES}, got {mode!r}")
+        # Trainable, client-owned parameters (the only ones with requires_grad in this module).
+        self.prompts = (
+            PromptTuning(spec, client_config.pre_seq_len, deep=mode == "deep_ptune", dtype=dtype)
+            if mode is not None
+            else None
+        )
+        self.lora = None
+        if client_config.lora_rank > 0:
+            targets = client_config.lora_targets or default_lora_targets(family)
+            lora_config = LoraConfig(
+                rank=client_config.lora_rank, alpha=client_config.lora_alpha, targets=targets
+            )
+            self.lora = RemoteLora(spec, lora_config, family, dtype=dtype)
+            if client_config.active_adapter:
+                raise ValueError(
+                    "use client-owned LoRA (lora_rank) or a server adapter (active_adapter), not both"
+                )
 
     # --- construction / teardown -------------------------------------------------------------------
 
@@ -152,9 +181,13 @@ class DistributedModelForCausalLM(nn.Module):
         if inputs_embeds is None:
             assert input_ids is not None
             inputs_embeds = self.client.embed(input_ids)  # [B, T, H]
-        hidden = self.client.pre_blocks(inputs_embeds)  # [B, T, H]
-        hidden = RemoteBlocksFunction.apply(hidden, self.blocks, self.loop)  # [B, T, H]
-        logits = self.client.head(hidden)  # [B, T, V]
+        prefix = 0
+        if self.prompts is not None:  # soft prompt tokens go first; their outputs are dropped below
+            prefix = self.prompts.pre_seq_len
+            inputs_embeds = torch.cat([self.prompts.prefix(inputs_embeds.shape[0]), inputs_embeds], dim=1)
+        hidden = self.client.pre_blocks(inputs_embeds)  # [B, P+T, H]
+        hidden = remote_blocks(hidden, self.blocks, self.loop, self.tuning_payload())  # [B, P+T, H]
+        logits = self.client.head(hidden[:, prefix:])  # [B, T, V]
         loss = None
         if labels is not None:
             shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # [B*(T-1), V]
@@ -162,15 +195,26 @@ class DistributedModelForCausalLM(nn.Module):
             loss = nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
         return CausalLMOutput(logits=logits, loss=loss)
 
+    def tuning_payload(self) -> TuningPayload:
+        """The trainable tensors (or adapter name) that requests carry to the servers."""
+        return TuningPayload(
+            prompts=self.prompts.deep_prompts() if self.prompts is not None else None,
+            lora=self.lora.weights() if self.lora is not None else None,
+            active_adapter=self.client_config.active_adapter,
+        )
+
     # --- inference sessions ---------------------------------------------------------------------------
 
     @contextlib.contextmanager
     def inference_session(self, max_length: int, batch_size: int = 1) -> Iterator[InferenceSession]:
         """Servers keep KV caches for up to ``max_length`` tokens; ``generate`` calls inside continue it."""
-        remote = RemoteInferenceSession(self.view, max_length=max_length, batch_size=batch_size)
+        prefix = self.prompts.pre_seq_len if self.prompts is not None else 0
+        remote = RemoteInferenceSession(
+            self.view, max_length=max_length + prefix, batch_size=batch_size, tuning=self.tuning_payload()
+        )
         timeout = self.client_config.wait_for_servers + self.client_config.connect_timeout * 4 + 30
         self.loop.run(remote.open(), timeout=timeout)
-        session = InferenceSession(self, remote)
+        session = InferenceSession(self, remote, prefix_length=prefix)
         reset = _active_session.set(session)
         try:
             yield session
@@ -245,6 +289,10 @@ class DistributedModelForCausalLM(nn.Module):
                 ids, position = new_ids[:, -1:], session.position - 1
             first = False
             embeds = self.client.embed(ids)  # [B, t, H]
+            if position is not None:
+                position += session.prefix_length
+            if session.remote.position == 0 and self.prompts is not None:  # the soft prompt opens the session
+                embeds = torch.cat([self.prompts.prefix(embeds.shape[0]).to(embeds.dtype), embeds], dim=1)
             hidden = session.step(self.client.pre_blocks(embeds), position=position)  # [B, t, H]
             return self.client.head(hidden[:, -1:])[:, -1]  # [B, V]
 

@@ -1,15 +1,17 @@
 """Forward and backward through remote blocks without a KV cache (``model(...)`` calls and training).
 
-``RemoteBlocksFunction`` is an autograd function: forward sends hidden states through a chain of servers and
-keeps each hop's input; backward walks the chain in reverse asking each server for input gradients. A hop
-that fails in either direction is replaced by a fresh chain over the same blocks; on backward, the
-replacement first re-runs the forward of that range (its inputs are known) and then its backward.
+``RemoteBlocksFunction`` is an autograd function over the whole chain. Forward splits the batch into chunks
+that travel the chain concurrently (pipelining across servers), keeping each hop's input; backward walks
+each chunk's chain in reverse asking the same servers for input gradients (and gradients of the client's
+prompts and LoRA adapters). A hop that fails in either direction is replaced by a fresh chain over the same
+blocks; on backward the replacement first re-runs the forward of that range (its input is known).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,6 +19,7 @@ import torch
 from potluck.client.inference import ServerFailure
 from potluck.client.loop import LoopThread
 from potluck.client.swarm_view import SwarmView
+from potluck.client.tuning import TuningPayload
 from potluck.server.handlers import PROTOCOL_BACKWARD, PROTOCOL_FORWARD
 from potluck.swarm.routing import RouteHop
 from potluck.wire import (
@@ -32,6 +35,16 @@ from potluck.wire import (
 )
 
 logger = logging.getLogger(__name__)
+
+MAX_TOKENS_PER_CHUNK = 1024  # batch rows are grouped into chunks of at most this many tokens
+
+
+@dataclass
+class ChunkTrace:
+    """The hops one chunk of the batch went through, each with the input it was given."""
+
+    rows: slice
+    hops: list[tuple[RouteHop, torch.Tensor]]
 
 
 class RemoteBlocks:
@@ -62,34 +75,49 @@ class RemoteBlocks:
         except Exception as e:  # p2pd's own errors for unreachable peers
             raise ServerFailure(hop.peer_id, f"{type(e).__name__}: {e}") from e
         if isinstance(msg, ErrorReply):
+            if not msg.retryable and msg.code == "bad_request":
+                raise ValueError(f"server {hop.peer_id[-8:]} rejected the request: {msg.message}")
             raise ServerFailure(hop.peer_id, f"{msg.code}: {msg.message}")
         if not isinstance(msg, expected):
             raise ServerFailure(hop.peer_id, f"unexpected reply {getattr(msg, 'kind', msg)!r}")
         self.view.clear_ban(hop.peer_id)
         return out
 
-    async def forward_hop(self, hop: RouteHop, hidden: torch.Tensor) -> torch.Tensor:
+    async def forward_hop(self, hop: RouteHop, hidden: torch.Tensor, tuning: TuningPayload) -> torch.Tensor:
+        header, extra = tuning.for_hop(hop)
         req = ForwardRequest(
             model=self.view.model_prefix,
             start=hop.start,
             end=hop.end,
+            tuning=header,
             output_compression=self.view.config.compression,  # type: ignore[arg-type]
         )
-        (out,) = await self._call(hop, req, [hidden])
+        (out,) = await self._call(hop, req, [hidden, *extra])
         return out
 
-    async def backward_hop(self, hop: RouteHop, hidden: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    async def backward_hop(
+        self, hop: RouteHop, hidden: torch.Tensor, grad_out: torch.Tensor, tuning: TuningPayload
+    ) -> list[torch.Tensor]:
+        """[grad_in, *gradients of the hop's slice of the tuning tensors]."""
+        header, extra = tuning.for_hop(hop)
         req = BackwardRequest(
             model=self.view.model_prefix,
             start=hop.start,
             end=hop.end,
+            tuning=header,
             output_compression=self.view.config.compression,  # type: ignore[arg-type]
         )
-        (grad_in,) = await self._call(hop, req, [hidden, grad_out])
-        return grad_in
+        grads = await self._call(hop, req, [hidden, grad_out, *extra])
+        if len(grads) != 1 + len(extra):
+            raise ServerFailure(
+                hop.peer_id, f"backward returned {len(grads)} tensors, expected {1 + len(extra)}"
+            )
+        return grads
 
-    async def forward(
-        self, hidden: torch.Tensor, start: int, end: int
+    # --- one chunk ------------------------------------------------------------------------------------
+
+    async def forward_range(
+        self, hidden: torch.Tensor, start: int, end: int, tuning: TuningPayload
     ) -> tuple[torch.Tensor, list[tuple[RouteHop, torch.Tensor]]]:
         """Run [start, end) on ``hidden`` [B, T, H]; returns the output and (hop, hop input) pairs."""
         trace: list[tuple[RouteHop, torch.Tensor]] = []
@@ -98,7 +126,7 @@ class RemoteBlocks:
             hops = await self.view.route(block, end, batch_tokens=0, inference=False)
             for hop in hops:
                 try:
-                    out = await self.forward_hop(hop, x)
+                    out = await self.forward_hop(hop, x, tuning)
                 except ServerFailure as e:
                     failures += 1
                     self._on_failure(e, failures)
@@ -107,31 +135,47 @@ class RemoteBlocks:
                 x, block = out, hop.end
         return x, trace
 
-    async def backward(
-        self, trace: list[tuple[RouteHop, torch.Tensor]], grad_out: torch.Tensor
+    async def backward_range(
+        self,
+        trace: list[tuple[RouteHop, torch.Tensor]],
+        grad_out: torch.Tensor,
+        tuning: TuningPayload,
+        tuning_grads: list[torch.Tensor],
     ) -> torch.Tensor:
-        """Gradient w.r.t. the input of ``trace``'s first hop, given the gradient of its last hop's output."""
+        """Gradient w.r.t. the first hop's input; tuning gradients are added into ``tuning_grads``."""
         grad = grad_out
         for hop, hop_input in reversed(trace):
-            grad = await self._backward_range(hop, hop_input, grad)
+            grad = await self._backward_hop_with_failover(hop, hop_input, grad, tuning, tuning_grads)
         return grad
 
-    async def _backward_range(
-        self, hop: RouteHop, hop_input: torch.Tensor, grad_out: torch.Tensor
+    async def _backward_hop_with_failover(
+        self,
+        hop: RouteHop,
+        hop_input: torch.Tensor,
+        grad_out: torch.Tensor,
+        tuning: TuningPayload,
+        tuning_grads: list[torch.Tensor],
     ) -> torch.Tensor:
         failures = 0
         try:
-            return await self.backward_hop(hop, hop_input, grad_out)
+            grads = await self.backward_hop(hop, hop_input, grad_out, tuning)
+            tuning.accumulate(tuning_grads, hop, grads[1:])
+            return grads[0]
         except ServerFailure as e:
             failures += 1
             self._on_failure(e, failures)
         while True:
-            # Re-run the forward of the failed range on replacement servers to learn their inputs, then backward.
+            # Replacement servers: re-run the failed range's forward to learn their inputs, then backward.
             try:
-                _, sub_trace = await self.forward(hop_input, hop.start, hop.end)
+                _, sub_trace = await self.forward_range(hop_input, hop.start, hop.end, tuning)
+                partial = [torch.zeros_like(g) for g in tuning_grads]
                 grad = grad_out
                 for sub_hop, sub_input in reversed(sub_trace):
-                    grad = await self.backward_hop(sub_hop, sub_input, grad)
+                    grads = await self.backward_hop(sub_hop, sub_input, grad, tuning)
+                    tuning.accumulate(partial, sub_hop, grads[1:])
+                    grad = grads[0]
+                for full, part in zip(tuning_grads, partial, strict=True):
+                    full += part
                 return grad
             except ServerFailure as e:
                 failures += 1
@@ -142,20 +186,70 @@ class RemoteBlocks:
         if failures > self.view.config.max_retries:
             raise RuntimeError(f"gave up after {failures - 1} retries: {failure}") from failure
 
+    # --- whole batches, chunked and concurrent ----------------------------------------------------------
+
+    async def forward(
+        self, hidden: torch.Tensor, tuning: TuningPayload
+    ) -> tuple[torch.Tensor, list[ChunkTrace]]:
+        n = self.view.num_blocks
+        rows_per_chunk = max(1, MAX_TOKENS_PER_CHUNK // max(1, hidden.shape[1]))
+        chunks = [
+            slice(i, min(i + rows_per_chunk, hidden.shape[0]))
+            for i in range(0, hidden.shape[0], rows_per_chunk)
+        ]
+        results = await asyncio.gather(*(self.forward_range(hidden[rows], 0, n, tuning) for rows in chunks))
+        out = torch.cat([r[0] for r in results], dim=0)  # [B, T, H]
+        return out, [ChunkTrace(rows, r[1]) for rows, r in zip(chunks, results, strict=True)]
+
+    async def backward(
+        self, traces: list[ChunkTrace], grad_out: torch.Tensor, tuning: TuningPayload
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        tuning_grads = [torch.zeros_like(t, dtype=torch.float32) for t in tuning.trainable()]
+        per_chunk = [[torch.zeros_like(g) for g in tuning_grads] for _ in traces]
+        grads_in = await asyncio.gather(
+            *(
+                self.backward_range(trace.hops, grad_out[trace.rows], tuning, acc)
+                for trace, acc in zip(traces, per_chunk, strict=True)
+            )
+        )
+        for acc in per_chunk:
+            for full, part in zip(tuning_grads, acc, strict=True):
+                full += part
+        return torch.cat(list(grads_in), dim=0), tuning_grads
+
 
 class RemoteBlocksFunction(torch.autograd.Function):
-    """Autograd over the whole remote chain: inputs [B, T, H] -> outputs [B, T, H]."""
+    """Autograd over the whole remote chain: (hidden [B, T, H], *tuning tensors) -> hidden [B, T, H]."""
 
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, blocks: RemoteBlocks, loop: LoopThread) -> torch.Tensor:  # type: ignore[override]
-        n = blocks.view.num_blocks
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden: torch.Tensor,
+        blocks: RemoteBlocks,
+        loop: LoopThread,
+        tuning: TuningPayload,
+        *leaves: Any,
+    ) -> torch.Tensor:
         timeout = blocks.view.config.request_timeout * 4
-        out, trace = loop.run(blocks.forward(hidden.detach(), 0, n), timeout=timeout)
-        ctx.blocks, ctx.loop, ctx.trace, ctx.dtype = blocks, loop, trace, hidden.dtype
+        out, traces = loop.run(blocks.forward(hidden.detach(), tuning), timeout=timeout)
+        ctx.blocks, ctx.loop, ctx.traces, ctx.tuning, ctx.dtype = blocks, loop, traces, tuning, hidden.dtype
+        ctx.leaf_dtypes = [leaf.dtype for leaf in leaves]
         return out.to(hidden.dtype)
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         timeout = ctx.blocks.view.config.request_timeout * 4
-        grad_in = ctx.loop.run(ctx.blocks.backward(ctx.trace, grad_out.contiguous()), timeout=timeout)
-        return grad_in.to(ctx.dtype), None, None
+        grad_in, tuning_grads = ctx.loop.run(
+            ctx.blocks.backward(ctx.traces, grad_out.contiguous(), ctx.tuning), timeout=timeout
+        )
+        leaf_grads = [g.to(dt) for g, dt in zip(tuning_grads, ctx.leaf_dtypes, strict=True)]
+        return (grad_in.to(ctx.dtype), None, None, None, *leaf_grads)
+
+
+def remote_blocks(
+    hidden: torch.Tensor, blocks: RemoteBlocks, loop: LoopThread, tuning: TuningPayload | None = None
+) -> torch.Tensor:
+    """hidden [B, T, H] through every remote block; differentiable w.r.t. hidden and the tuning tensors."""
+    tuning = tuning or TuningPayload()
+    out: torch.Tensor = RemoteBlocksFunction.apply(hidden, blocks, loop, tuning, *tuning.trainable())
+    return out

@@ -4,11 +4,13 @@ from potluck.models.client_parts import ClientParts
 from potluck.models.kv_cache import KVCache, KVCacheOverflowError
 from potluck.models.loading import CheckpointError, load_client_parts, load_config, load_span
 from potluck.models.local import CausalLMOutput, LocalCausalLM
+from potluck.models.lora import LORA_TARGETS, LoraConfig, LoraWeights, load_peft_adapter, save_peft_adapter
 from potluck.models.registry import SUPPORTED_MODEL_TYPES, ModelFamily, get_family
 from potluck.models.span import BlockSpan
 from potluck.models.spec import ModelSpec, RopeSpec, UnsupportedModelError
 
 __all__ = [
+    "LORA_TARGETS",
     "SUPPORTED_MODEL_TYPES",
     "BlockSpan",
     "CausalLMOutput",
@@ -17,6 +19,8 @@ __all__ = [
     "KVCache",
     "KVCacheOverflowError",
     "LocalCausalLM",
+    "LoraConfig",
+    "LoraWeights",
     "ModelFamily",
     "ModelSpec",
     "RopeSpec",
@@ -24,5 +28,7 @@ __all__ = [
     "get_family",
     "load_client_parts",
     "load_config",
+    "load_peft_adapter",
     "load_span",
+    "save_peft_adapter",
 ]

@@ -5,7 +5,10 @@ instead; the two differ by a per-row constant, which softmax ignores, and the re
 near the diagonal (better in bf16 for long sequences).
 
 The fused ``query_key_value`` projection lays its output out as ``[heads, 3, head_dim]`` (per head: q, k, v),
-not ``[3, heads, head_dim]``; we keep the checkpoint's layout and split accordingly.
+not ``[3, heads, head_dim]``; we keep the checkpoint's layout and split accordingly. A LoRA update of
+``query_key_value`` (PEFT's) is added to the fused output, so it follows the same layout.
+
+Every projection goes through :func:`potluck.models.lora.lora_linear` (client-owned LoRA adapters).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from torch import nn
 
 from potluck.models.kv_cache import KVCache
 from potluck.models.layers import AttnInputs, attention
+from potluck.models.lora import BlockLora, lora_linear
 from potluck.models.spec import ModelSpec
 
 
@@ -78,10 +82,16 @@ class BloomAttention(nn.Module):
         self.dense = nn.Linear(spec.hidden_size, spec.hidden_size, bias=True)
 
     def forward(
-        self, x: torch.Tensor, inputs: AttnInputs, cache: KVCache | None, cache_index: int
+        self,
+        x: torch.Tensor,
+        inputs: AttnInputs,
+        cache: KVCache | None,
+        cache_index: int,
+        lora: BlockLora | None = None,
     ) -> torch.Tensor:
         bsz, seq, _ = x.shape
-        fused = self.query_key_value(x).view(bsz, seq, self.num_heads, 3, self.head_dim)  # [B, T, H, 3, D]
+        fused = lora_linear(self.query_key_value, x, lora, "query_key_value")  # [B, T, 3*hidden]
+        fused = fused.view(bsz, seq, self.num_heads, 3, self.head_dim)  # [B, T, H, 3, D]
         q = fused[..., 0, :].transpose(1, 2)  # [B, H, T, D]
         k = fused[..., 1, :].transpose(1, 2)  # [B, H, T, D]
         v = fused[..., 2, :].transpose(1, 2)  # [B, H, T, D]
@@ -89,7 +99,7 @@ class BloomAttention(nn.Module):
             k, v = cache.write(cache_index, k, v)  # [B, H, L+T, D]
         out = attention(q, k, v, inputs.bias, is_causal=False)  # [B, H, T, D]
         out = out.transpose(1, 2).reshape(bsz, seq, self.num_heads * self.head_dim)  # [B, T, hidden]
-        return self.dense(out)  # [B, T, hidden]
+        return lora_linear(self.dense, out, lora, "dense")  # [B, T, hidden]
 
 
 class BloomMLP(nn.Module):
@@ -98,8 +108,9 @@ class BloomMLP(nn.Module):
         self.dense_h_to_4h = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=True)
         self.dense_4h_to_h = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dense_4h_to_h(bloom_gelu(self.dense_h_to_4h(x)))  # [B, T, hidden]
+    def forward(self, x: torch.Tensor, lora: BlockLora | None = None) -> torch.Tensor:
+        up = lora_linear(self.dense_h_to_4h, x, lora, "dense_h_to_4h")  # [B, T, 4*hidden]
+        return lora_linear(self.dense_4h_to_h, bloom_gelu(up), lora, "dense_4h_to_h")  # [B, T, hidden]
 
 
 class BloomBlock(nn.Module):
@@ -112,14 +123,19 @@ class BloomBlock(nn.Module):
         self.post_ln_residual = spec.apply_residual_connection_post_layernorm
 
     def forward(
-        self, x: torch.Tensor, inputs: AttnInputs, cache: KVCache | None = None, cache_index: int = 0
+        self,
+        x: torch.Tensor,
+        inputs: AttnInputs,
+        cache: KVCache | None = None,
+        cache_index: int = 0,
+        lora: BlockLora | None = None,
     ) -> torch.Tensor:
         ln = self.input_layernorm(x)  # [B, T, hidden]
         residual = ln if self.post_ln_residual else x
-        h = residual + self.self_attention(ln, inputs, cache, cache_index)  # [B, T, hidden]
+        h = residual + self.self_attention(ln, inputs, cache, cache_index, lora)  # [B, T, hidden]
         ln = self.post_attention_layernorm(h)  # [B, T, hidden]
         residual = ln if self.post_ln_residual else h
-        return residual + self.mlp(ln)  # [B, T, hidden]
+        return residual + self.mlp(ln, lora)  # [B, T, hidden]
 
 
 def make_attn_inputs(

@@ -8,6 +8,9 @@ Pre-norm RMSNorm blocks with rotary attention (MHA or GQA) and a gated SiLU MLP.
   drops keys that the mask hides anyway); at lengths below the window this is plain causal attention.
 * RoPE scaling types default / linear / dynamic / llama3 (see :func:`potluck.models.layers.rope_inv_freq`).
 
+Every projection goes through :func:`potluck.models.lora.lora_linear`, so a block can apply client-owned LoRA
+adapters (``lora=BlockLora``) to any of q/k/v/o/gate/up/down_proj.
+
 Parameter names inside a block match the HF checkpoint names after the ``model.layers.{i}.`` prefix, so a block's
 ``state_dict`` keys tell the loader which tensors to read.
 """
@@ -23,6 +26,7 @@ from torch import nn
 
 from potluck.models.kv_cache import KVCache
 from potluck.models.layers import AttnInputs, RMSNorm, apply_rope, attention, rope_cos_sin
+from potluck.models.lora import BlockLora, lora_linear
 from potluck.models.spec import ModelSpec, UnsupportedModelError, rope_spec_from_config
 
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -91,12 +95,20 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=spec.o_bias)
 
     def forward(
-        self, x: torch.Tensor, inputs: AttnInputs, cache: KVCache | None, cache_index: int
+        self,
+        x: torch.Tensor,
+        inputs: AttnInputs,
+        cache: KVCache | None,
+        cache_index: int,
+        lora: BlockLora | None = None,
     ) -> torch.Tensor:
         bsz, seq, _ = x.shape
-        q = self.q_proj(x).view(bsz, seq, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = self.k_proj(x).view(bsz, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, KVH, T, D]
-        v = self.v_proj(x).view(bsz, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, KVH, T, D]
+        q = lora_linear(self.q_proj, x, lora, "q_proj")  # [B, T, H*D]
+        k = lora_linear(self.k_proj, x, lora, "k_proj")  # [B, T, KVH*D]
+        v = lora_linear(self.v_proj, x, lora, "v_proj")  # [B, T, KVH*D]
+        q = q.view(bsz, seq, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = k.view(bsz, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, KVH, T, D]
+        v = v.view(bsz, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, KVH, T, D]
         assert inputs.cos is not None and inputs.sin is not None
         q = apply_rope(q, inputs.cos, inputs.sin)  # [B, H, T, D]
         k = apply_rope(k, inputs.cos, inputs.sin)  # [B, KVH, T, D]
@@ -105,7 +117,7 @@ class LlamaAttention(nn.Module):
         mask, is_causal = inputs.mask(self.window)
         out = attention(q, k, v, mask, is_causal)  # [B, H, T, D]
         out = out.transpose(1, 2).reshape(bsz, seq, self.num_heads * self.head_dim)  # [B, T, H*D]
-        return self.o_proj(out)  # [B, T, hidden]
+        return lora_linear(self.o_proj, out, lora, "o_proj")  # [B, T, hidden]
 
 
 class LlamaMLP(nn.Module):
@@ -116,8 +128,10 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
         self.act: Callable[[torch.Tensor], torch.Tensor] = _ACTIVATIONS[spec.hidden_act]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))  # [B, T, hidden]
+    def forward(self, x: torch.Tensor, lora: BlockLora | None = None) -> torch.Tensor:
+        gate = lora_linear(self.gate_proj, x, lora, "gate_proj")  # [B, T, I]
+        up = lora_linear(self.up_proj, x, lora, "up_proj")  # [B, T, I]
+        return lora_linear(self.down_proj, self.act(gate) * up, lora, "down_proj")  # [B, T, hidden]
 
 
 class LlamaBlock(nn.Module):
@@ -129,10 +143,15 @@ class LlamaBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.norm_eps)
 
     def forward(
-        self, x: torch.Tensor, inputs: AttnInputs, cache: KVCache | None = None, cache_index: int = 0
+        self,
+        x: torch.Tensor,
+        inputs: AttnInputs,
+        cache: KVCache | None = None,
+        cache_index: int = 0,
+        lora: BlockLora | None = None,
     ) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), inputs, cache, cache_index)  # [B, T, hidden]
-        return h + self.mlp(self.post_attention_layernorm(h))  # [B, T, hidden]
+        h = x + self.self_attn(self.input_layernorm(x), inputs, cache, cache_index, lora)  # [B, T, hidden]
+        return h + self.mlp(self.post_attention_layernorm(h), lora)  # [B, T, hidden]
 
 
 def make_attn_inputs(

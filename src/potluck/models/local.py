@@ -13,6 +13,7 @@ from torch import nn
 from potluck.models.client_parts import ClientParts
 from potluck.models.kv_cache import KVCache
 from potluck.models.loading import load_client_parts, load_config, load_span
+from potluck.models.lora import LoraWeights
 from potluck.models.registry import ModelFamily
 from potluck.models.span import BlockSpan
 from potluck.models.spec import ModelSpec
@@ -81,14 +82,21 @@ class LocalCausalLM(nn.Module):
         input_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        prompts: torch.Tensor | None = None,
+        lora: LoraWeights | None = None,
     ) -> CausalLMOutput:
-        """Full forward without cache; ``loss`` is set when ``labels [B, T]`` are given (-100 = ignore)."""
+        """Full forward without cache; ``loss`` is set when ``labels [B, T]`` are given (-100 = ignore).
+
+        ``prompts [num_blocks, B or 1, P, hidden]`` are deep prompts and ``lora`` LoRA adapters covering all
+        blocks, both passed to :meth:`BlockSpan.forward`.
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
             assert input_ids is not None
             inputs_embeds = self.client.embed(input_ids)  # [B, T, hidden]
-        hidden = self.span(self.client.pre_blocks(inputs_embeds))  # [B, T, hidden]
+        hidden = self.client.pre_blocks(inputs_embeds)  # [B, T, hidden]
+        hidden = self.span(hidden, prompts=prompts, lora=lora)  # [B, T, hidden]
         logits = self.client.head(hidden)  # [B, T, V]
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(logits=logits, loss=loss)
@@ -96,10 +104,16 @@ class LocalCausalLM(nn.Module):
     def new_cache(self, batch_size: int, max_length: int) -> KVCache:
         return self.span.new_cache(batch_size, max_length)
 
-    def step(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def step(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache,
+        lora: LoraWeights | None = None,
+        prompts: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Feed new tokens ``[B, T_new]`` through the cache; returns their logits ``[B, T_new, V]``."""
         hidden = self.client.pre_blocks(self.client.embed(input_ids))  # [B, T_new, hidden]
-        return self.client.head(self.span(hidden, cache=cache))  # [B, T_new, V]
+        return self.client.head(self.span(hidden, cache=cache, prompts=prompts, lora=lora))  # [B, T_new, V]
 
     def generate(
         self,

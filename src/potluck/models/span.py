@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from potluck.models.kv_cache import KVCache
+from potluck.models.lora import LoraWeights
 from potluck.models.registry import ModelFamily
 from potluck.models.spec import ModelSpec
 
@@ -55,12 +56,16 @@ class BlockSpan(nn.Module):
         hidden: torch.Tensor,
         cache: KVCache | None = None,
         prompts: torch.Tensor | None = None,
+        lora: LoraWeights | None = None,
     ) -> torch.Tensor:
         """Run ``hidden [B, T, hidden]`` through the blocks; returns ``[B, T, hidden]``.
 
         ``prompts [num_blocks, B or 1, P, hidden]`` (deep prompt tuning): before block ``i``, ``prompts[i]`` is
         added to the hidden states at absolute positions ``0..P-1`` (only the part of those positions that this
         call covers, so a cached decode step past the prefix is unaffected).
+
+        ``lora`` adds LoRA adapters to the blocks' target projections; it must cover at least ``[start, end)``
+        (absolute block indices; a wider one is sliced, keeping autograd to the caller's tensors).
         """
         if hidden.dim() != 3 or hidden.shape[-1] != self.spec.hidden_size:
             raise ValueError(
@@ -77,6 +82,8 @@ class BlockSpan(nn.Module):
                 raise ValueError(f"cache dtype {cache.dtype} != hidden dtype {hidden.dtype}")
             cache.check_room(seq)
             offset = cache.length
+        if lora is not None:
+            lora = self._lora_for_span(lora)
         if seq == 0:
             return hidden
         if prompts is not None and (prompts.dim() != 4 or prompts.shape[0] != self.num_blocks):
@@ -88,10 +95,24 @@ class BlockSpan(nn.Module):
         for i, block in enumerate(self.blocks):
             if prompts is not None:
                 hidden = _add_prompt(hidden, prompts[i], offset)  # [B, T, hidden]
-            hidden = block(hidden, inputs, cache, i)  # [B, T, hidden]
+            block_lora = lora.block(i) if lora is not None else None
+            hidden = block(hidden, inputs, cache, i, block_lora)  # [B, T, hidden]
         if cache is not None:
             cache.advance(seq)
         return hidden
+
+    def _lora_for_span(self, lora: LoraWeights) -> LoraWeights:
+        """``lora`` restricted to this span's blocks, checked against the model's shapes."""
+        if not isinstance(lora, LoraWeights):
+            raise TypeError(f"lora must be a LoraWeights, got {type(lora).__name__}")
+        if not lora.start <= self.start < self.end <= lora.end:
+            raise ValueError(
+                f"LoRA covers blocks [{lora.start}, {lora.end}), which does not include this span's blocks "
+                f"[{self.start}, {self.end})"
+            )
+        lora = lora.slice(self.start, self.end)
+        lora.check_spec(self.spec)
+        return lora
 
     def new_cache(
         self,

@@ -31,6 +31,7 @@ class ServerConfig:
     drain_timeout: float = 10.0  # on SIGTERM, wait this long for in-flight steps before exiting
     throughput: float | None = None  # announced tokens/s per block; None: measure at start
     compression: str = "none"  # default compression of replies when the client does not ask
+    adapters: tuple[str, ...] = ()  # PEFT LoRA adapter dirs to preload; clients pick one by its dir name
 
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")

@@ -18,10 +18,11 @@ from typing import Any
 
 import torch
 
-from potluck.models import BlockSpan, KVCache
+from potluck.models import BlockSpan, KVCache, LoraWeights
 from potluck.server.cache_budget import CacheBudget, CacheFullError
 from potluck.server.config import ServerConfig
 from potluck.server.runtime import PRIORITY_BACKWARD, PRIORITY_FORWARD, PRIORITY_INFERENCE, Runtime
+from potluck.server.tuning import TuningError, TuningInputs, unpack_tuning
 from potluck.wire import (
     BackwardRequest,
     BackwardResult,
@@ -38,6 +39,7 @@ from potluck.wire import (
     OpenInference,
     ProtocolError,
     StreamClosed,
+    Tuning,
     WireLimits,
     read_message,
     write_message,
@@ -73,6 +75,7 @@ class ServerState:
     state: str = "joining"  # joining | online | offline (draining)
     in_flight: int = 0  # steps and forward/backward calls being computed now
     sessions: dict[str, float] = field(default_factory=dict)  # session id -> open time
+    adapters: dict[str, LoraWeights] = field(default_factory=dict)  # preloaded PEFT adapters by name
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -201,10 +204,11 @@ class Handlers:
 
     async def _inference(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         cfg = self.s.config
-        msg, _ = await read_message(reader, self.s.limits, timeout=cfg.step_timeout)
+        msg, tensors = await read_message(reader, self.s.limits, timeout=cfg.step_timeout)
         if not isinstance(msg, OpenInference):
             raise BadRequest(f"an inference stream must start with open_inference, got {_kind(msg)}")
         span = self.s.check_span(msg.model, msg.start, msg.end)
+        tuning = self._tuning(span, msg.tuning, tensors, batch=msg.batch_size, tokens=msg.max_length)
         if msg.max_length < 1 or msg.max_length > cfg.max_inference_length:
             raise BadRequest(f"max_length {msg.max_length} is outside 1..{cfg.max_inference_length}")
         tokens = msg.batch_size * msg.max_length
@@ -226,7 +230,7 @@ class Handlers:
                         session_id=session_id, start=msg.start, end=msg.end, max_length=msg.max_length
                     ),
                 )
-                await self._steps(span, cache, msg, reader, writer)
+                await self._steps(span, cache, msg, tuning, reader, writer)
             finally:
                 self.s.sessions.pop(session_id, None)
                 del cache  # free the KV cache now, not when the handler's frame is collected
@@ -237,6 +241,7 @@ class Handlers:
         span: BlockSpan,
         cache: KVCache,
         opened: OpenInference,
+        tuning: TuningInputs,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
     ) -> None:
@@ -282,7 +287,7 @@ class Handlers:
             received = time.perf_counter()
             out = await self.s.compute(
                 PRIORITY_INFERENCE,
-                functools.partial(self._run_step, span, cache, hidden, msg.position, hypo_ids),
+                functools.partial(self._run_step, span, cache, tuning, hidden, msg.position, hypo_ids),
             )
             await write_message(
                 writer,
@@ -299,6 +304,7 @@ class Handlers:
         self,
         span: BlockSpan,
         cache: KVCache,
+        tuning: TuningInputs,
         hidden: torch.Tensor,
         position: int,
         hypo_ids: torch.Tensor | None,
@@ -310,7 +316,8 @@ class Handlers:
             if hypo_ids is not None:
                 cache.reorder(hypo_ids.to(cache.keys[0].device))
             x = hidden.to(device=self.s.device, dtype=self.s.dtype)  # [B, T, H]
-            return span(x, cache=cache).to(device="cpu", dtype=hidden.dtype)  # [B, T, H]
+            out = span(x, cache=cache, prompts=tuning.prompts, lora=tuning.lora)  # [B, T, H]
+            return out.to(device="cpu", dtype=hidden.dtype)
 
     # --- forward / backward ------------------------------------------------------------------------------
 
@@ -322,13 +329,17 @@ class Handlers:
         if not isinstance(msg, ForwardRequest):
             raise BadRequest(f"expected forward_request, got {_kind(msg)}")
         span = self.s.check_span(msg.model, msg.start, msg.end)
-        hidden, prompts = self._unpack_inputs(span, tensors, msg.has_prompts, extra=0)
+        if not tensors:
+            raise BadRequest("forward_request carries no hidden states")
+        hidden = tensors[0]
+        self.s.check_hidden(hidden, "hidden states")
+        tuning = self._tuning(span, msg.tuning, tensors[1:], batch=hidden.shape[0], tokens=hidden.shape[1])
 
         def run() -> torch.Tensor:
             with torch.inference_mode():
                 x = hidden.to(device=self.s.device, dtype=self.s.dtype)  # [B, T, H]
-                p = None if prompts is None else prompts.to(device=self.s.device, dtype=self.s.dtype)
-                return span(x, prompts=p).to(device="cpu", dtype=hidden.dtype)  # [B, T, H]
+                out = span(x, prompts=tuning.prompts, lora=tuning.lora)  # [B, T, H]
+                return out.to(device="cpu", dtype=hidden.dtype)
 
         out = await self.s.compute(PRIORITY_FORWARD, run)
         await write_message(writer, ForwardResult(), [out], msg.output_compression)
@@ -341,46 +352,50 @@ class Handlers:
         if not isinstance(msg, BackwardRequest):
             raise BadRequest(f"expected backward_request, got {_kind(msg)}")
         span = self.s.check_span(msg.model, msg.start, msg.end)
-        hidden, prompts = self._unpack_inputs(span, tensors, msg.has_prompts, extra=1)
-        grad_out = tensors[1]
-        if grad_out.shape != hidden.shape:
-            raise BadRequest(
-                f"grad_out shape {list(grad_out.shape)} differs from hidden {list(hidden.shape)}"
-            )
+        if len(tensors) < 2:
+            raise BadRequest("backward_request carries hidden states and output gradients")
+        hidden, grad_out = tensors[0], tensors[1]
+        self.s.check_hidden(hidden, "hidden states")
+        if grad_out.shape != hidden.shape or not grad_out.is_floating_point():
+            raise BadRequest(f"grad_out {list(grad_out.shape)} must match hidden states {list(hidden.shape)}")
+        tuning = self._tuning(span, msg.tuning, tensors[2:], batch=hidden.shape[0], tokens=hidden.shape[1])
 
         def run() -> list[torch.Tensor]:
+            # Servers keep no activations between calls: backward recomputes the span's forward with autograd.
             with torch.enable_grad():
                 x = hidden.to(device=self.s.device, dtype=self.s.dtype).requires_grad_(True)  # [B, T, H]
-                p = None
-                if prompts is not None:
-                    p = prompts.to(device=self.s.device, dtype=self.s.dtype).requires_grad_(True)
-                out = span(x, prompts=p)  # [B, T, H]
-                inputs = [x] if p is None else [x, p]
-                grads = torch.autograd.grad(out, inputs, grad_out.to(out.device, out.dtype))
-            return [g.to(device="cpu", dtype=hidden.dtype) for g in grads]
+                inputs = tuning.requires_grad_()
+                out = span(x, prompts=inputs.prompts, lora=inputs.lora)  # [B, T, H]
+                leaves = [x, *inputs.leaves()]
+                grads = torch.autograd.grad(
+                    out, leaves, grad_out.to(out.device, out.dtype), allow_unused=True
+                )
+            return [
+                (torch.zeros_like(leaf) if g is None else g).to(device="cpu", dtype=hidden.dtype)
+                for g, leaf in zip(grads, leaves, strict=True)
+            ]
 
         grads = await self.s.compute(PRIORITY_BACKWARD, run)
         await write_message(writer, BackwardResult(), grads, msg.output_compression)
 
-    def _unpack_inputs(
-        self, span: BlockSpan, tensors: list[torch.Tensor], has_prompts: bool, extra: int
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        expected = 1 + extra + int(has_prompts)
-        if len(tensors) != expected:
-            raise BadRequest(f"expected {expected} tensors, got {len(tensors)}")
-        hidden = tensors[0]
-        self.s.check_hidden(hidden, "hidden states")
-        prompts = None
-        if has_prompts:
-            prompts = tensors[-1]
-            n = span.end - span.start
-            if prompts.ndim != 4 or prompts.shape[0] != n or prompts.shape[1] != hidden.shape[0]:
-                raise BadRequest(f"prompts must be [{n}, batch, prefix, hidden], got {list(prompts.shape)}")
-            if prompts.shape[3] != self.s.hidden_size or prompts.shape[2] > hidden.shape[1]:
-                raise BadRequest(
-                    f"prompts {list(prompts.shape)} do not fit hidden states {list(hidden.shape)}"
-                )
-        return hidden, prompts
+    def _tuning(
+        self, span: BlockSpan, tuning: Tuning, tensors: list[torch.Tensor], *, batch: int, tokens: int
+    ) -> TuningInputs:
+        try:
+            inputs = unpack_tuning(
+                span,
+                tuning,
+                tensors,
+                batch=batch,
+                adapters=self.s.adapters,
+                dtype=self.s.dtype,
+                device=self.s.device,
+            )
+        except TuningError as e:
+            raise BadRequest(str(e)) from None
+        if inputs.prompts is not None and inputs.prompts.shape[2] > tokens:
+            raise BadRequest(f"{inputs.prompts.shape[2]} prompt positions but at most {tokens} tokens")
+        return inputs
 
 
 def _kind(msg: Message) -> str:

@@ -25,6 +25,7 @@ from potluck.server.handlers import (
 )
 from potluck.server.runtime import Runtime
 from potluck.server.throughput import measure_throughput
+from potluck.server.tuning import load_adapters
 from potluck.swarm import aio
 from potluck.swarm.records import ServerRecord, block_key, model_prefix_for, record_to_dht
 from potluck.swarm.records import ServerState as RecordState
@@ -97,6 +98,7 @@ class Server:
                 token=cfg.token,
             )
             span.requires_grad_(False)
+            adapters = load_adapters(cfg.adapters, span.spec, start, end, dtype=dtype, device=cfg.device)
             runtime = Runtime()
             self.state = ServerState(
                 config=cfg,
@@ -105,6 +107,7 @@ class Server:
                 runtime=runtime,
                 budget=CacheBudget(cfg.cache_tokens),
                 limits=DEFAULT_LIMITS,
+                adapters=adapters,
             )
             self._throughput = await runtime.run(0, lambda: measure_throughput(span, cfg.throughput))
             handlers = Handlers(self.state)
@@ -182,6 +185,7 @@ class Server:
             dtype=str(dtype).removeprefix("torch."),
             version=_version(),
             public_name=self.config.public_name,
+            adapters=tuple(self.state.adapters) if self.state is not None else (),
         )
         value = record_to_dht(record)
         # An offline record lives briefly: enough for clients to notice, then the keys clean themselves up.

@@ -21,6 +21,9 @@ We take ``S`` over all arithmetic progressions ``{o, o+d, ..., o+(m-1)d}`` insid
 * steps ``d > 1`` add some of what contiguity costs: e.g. the two end blocks ``{0, B-1}`` (``d = B-1``) can only be
   held together by servers with ``c_i = B``, which the fractional relaxation misses.
 
+The same sets give an exact zero test: if the windows cannot touch every block of some ``S`` even once (e.g.
+total capacity < B), every placement leaves a gap and the bound is 0.
+
 It remains an upper bound (the integer optimum can be lower, e.g. with few servers of very different speeds), so a
 ratio ``achieved / bound`` is a conservative measure of placement quality. Cost: O(B log B) numpy operations over
 capacity classes, ~1 ms for B = 100, independent of the number of servers beyond one ``bincount``.
@@ -68,18 +71,22 @@ def throughput_upper_bound(
         return 0.0
     B = num_blocks
     # Only capacities matter, not identities: aggregate throughput per capacity class (index = capacity 0..B).
-    per_cap = np.bincount(np.minimum(c[keep], B), weights=t[keep], minlength=B + 1)
-    caps = np.arange(B + 1, dtype=np.int64)
-    classes = np.flatnonzero(per_cap > 0)
-    per_cap, caps = per_cap[classes], caps[classes]
+    capped = np.minimum(c[keep], B)
+    per_cap = np.bincount(capped, weights=t[keep], minlength=B + 1)
+    count = np.bincount(capped, minlength=B + 1)
+    classes = np.flatnonzero(count > 0)
+    caps, per_cap, count = classes.astype(np.int64), per_cap[classes], count[classes]
     best = float(per_cap.sum())  # m = 1: all servers stacked on one block
     for d in range(1, B):
         m_max = (B - 1) // d + 1  # longest progression of step d that fits in the model
-        if m_max < 2:
-            break  # m = 1 is already counted, and m_max only shrinks as d grows
         hits = (caps - 1) // d + 1  # most progression points one window of each capacity class can contain
         m = np.arange(2, m_max + 1, dtype=np.int64)
-        totals = (np.minimum(m[:, None], hits[None, :]) * per_cap[None, :]).sum(axis=1) / m
+        reach = np.minimum(m[:, None], hits[None, :])
+        # Integrality, for free: if the windows cannot even *touch* every point of some S (e.g. total capacity
+        # < B), some block stays uncovered in every placement.
+        if np.any((reach * count[None, :]).sum(axis=1) < m):
+            return 0.0
+        totals = (reach * per_cap[None, :]).sum(axis=1) / m
         best = min(best, float(totals.min()))
     return best
 

@@ -380,7 +380,9 @@ def auto_num_blocks(
     block fits, so the operator sees why instead of a server that announces nothing.
     """
     if block_bytes <= 0 or cache_bytes_per_block < 0:
-        raise ValueError(f"need block_bytes > 0 and cache_bytes_per_block >= 0, got {block_bytes}, {cache_bytes_per_block}")
+        raise ValueError(
+            f"need block_bytes > 0 and cache_bytes_per_block >= 0, got {block_bytes}, {cache_bytes_per_block}"
+        )
     per_block = block_bytes + cache_bytes_per_block
     fits = max(0, free_memory_bytes) // per_block
     if fits < 1:

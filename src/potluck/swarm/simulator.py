@@ -16,8 +16,8 @@ seed, same result.
 
 ``paper`` scenario (modelled on the Petals paper's load-balancing experiment; its exact parameters were not
 recovered, so these are ours): servers of uneven speed and memory join one by one, the swarm settles for a few
-balance periods, then ``churn_events`` random leaves and joins (half each, so the size stays about the same) arrive
-over 20 balance periods, then a short cool-down.
+balance periods, then ``churn_events`` random leaves and joins (half each by default, so the size stays about the
+same) arrive over 20 balance periods, then a short cool-down.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from potluck.swarm.placement import (
     DEFAULT_MAX_ROUNDS,
     STAY_BIAS,
     Layout,
+    settle,
     should_move_in,
 )
 
@@ -99,9 +100,13 @@ def paper_scenario(
     balance_quality: float = DEFAULT_BALANCE_QUALITY,
     balance_period: float = 60.0,
     rebalance: bool = True,
+    churn_join_fraction: float = 0.5,
 ) -> Scenario:
     """Uneven servers join one by one, then churn: see the module docstring. ``churn_events`` defaults to
-    ``num_servers``."""
+    ``num_servers``; a ``churn_join_fraction`` of them are joins of new servers, the rest leaves (0: the swarm
+    only shrinks, so only rebalancing can repair it)."""
+    if not 0.0 <= churn_join_fraction <= 1.0:
+        raise ValueError("churn_join_fraction must be in [0, 1]")
     if num_servers < 1 or num_blocks < 1:
         raise ValueError("need at least one server and one block")
     churn = num_servers if churn_events is None else churn_events
@@ -119,15 +124,16 @@ def paper_scenario(
     present = list(range(num_servers))
     for k in range(churn):
         t = warmup_end + churn_span * (k + rng.random()) / max(churn, 1)
-        # Half leaves, half joins; never let the swarm drop below 2 servers.
-        if rng.random() < 0.5 and len(present) > 2:
+        # Never let the swarm drop below 2 servers.
+        if rng.random() >= churn_join_fraction and len(present) > 2:
             victim = present.pop(rng.randrange(len(present)))
             leave_at[victim] = t
         else:
             present.append(len(servers))
             servers.append(_draw_server(rng, f"s{len(servers)}", num_blocks, t))
     servers = [
-        SimServer(s.name, s.throughput, s.capacity, s.join_time, leave_at.get(i)) for i, s in enumerate(servers)
+        SimServer(s.name, s.throughput, s.capacity, s.join_time, leave_at.get(i))
+        for i, s in enumerate(servers)
     ]
     return Scenario(
         name="paper",
@@ -233,6 +239,13 @@ def run_simulation(scenario: Scenario) -> dict[str, Any]:
     if not timeline or timeline[-1]["time"] < scenario.duration:
         record(scenario.duration)  # close the last interval so time-weighted means cover the whole run
 
+    # What the final swarm could reach if every server re-chose greedily at once (balance_quality ignored): shows
+    # how much of the gap to the bound is the move threshold's doing and how much the greedy's or the bound's.
+    potential = layout.copy()
+    settle(potential, random.Random(scenario.seed), max_rounds=scenario.max_rounds, eps=scenario.eps)
+    final_opt = bounds()[1]
+    settled_ratio = round(potential.throughput() / final_opt, 4) if final_opt > 0 else 0.0
+
     after = [p for p in timeline if p["time"] >= scenario.warmup_end]
     at_warmup_end = [p for p in timeline if p["time"] <= scenario.warmup_end]
     return {
@@ -249,6 +262,7 @@ def run_simulation(scenario: Scenario) -> dict[str, Any]:
         "final_ratio": timeline[-1]["ratio"],
         "min_ratio_after_warmup": min((p["ratio"] for p in after), default=0.0),
         "mean_ratio": _time_weighted_mean(after, "ratio", scenario.duration),
+        "settled_ratio_final": settled_ratio,
         "uncovered_blocks_final": timeline[-1]["uncovered_blocks"],
         "max_uncovered_after_warmup": max((p["uncovered_blocks"] for p in after), default=0),
         "time_with_gaps_after_warmup": _time_where(after, scenario.duration),
@@ -263,7 +277,7 @@ def _time_weighted_mean(points: Sequence[dict[str, float | int]], key: str, end:
     if not points:
         return 0.0
     total = weight = 0.0
-    for p, q in zip(points, [*points[1:], None]):
+    for p, q in zip(points, [*points[1:], None], strict=True):
         dt = (q["time"] if q is not None else end) - p["time"]
         total += p[key] * dt
         weight += dt
@@ -275,7 +289,7 @@ def _time_where(points: Sequence[dict[str, float | int]], end: float) -> float:
     return round(
         sum(
             ((q["time"] if q is not None else end) - p["time"])
-            for p, q in zip(points, [*points[1:], None])
+            for p, q in zip(points, [*points[1:], None], strict=True)
             if p["uncovered_blocks"] > 0
         ),
         3,
@@ -298,9 +312,17 @@ def simulate_main(argv: list[str] | None = None) -> int:
     p.add_argument("--servers", type=int, default=100, help="servers joining in the warm-up phase")
     p.add_argument("--blocks", type=int, default=80, help="transformer blocks in the model")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--churn-events", type=int, default=None, help="leaves + joins after warm-up (default: --servers)")
+    p.add_argument(
+        "--churn-events", type=int, default=None, help="leaves + joins after warm-up (default: --servers)"
+    )
     p.add_argument("--balance-quality", type=float, default=DEFAULT_BALANCE_QUALITY)
     p.add_argument("--balance-period", type=float, default=60.0, help="mean seconds between rebalance checks")
+    p.add_argument(
+        "--churn-join-fraction",
+        type=float,
+        default=0.5,
+        help="share of churn events that are joins (rest: leaves)",
+    )
     p.add_argument("--no-rebalance", action="store_true", help="servers never move after joining (baseline)")
     p.add_argument("--timeline-points", type=int, default=200, help="timeline entries kept in --json output")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -315,6 +337,7 @@ def simulate_main(argv: list[str] | None = None) -> int:
         balance_quality=args.balance_quality,
         balance_period=args.balance_period,
         rebalance=not args.no_rebalance,
+        churn_join_fraction=args.churn_join_fraction,
     )
     result = run_simulation(scenario)
     if args.json:
@@ -329,7 +352,7 @@ def simulate_main(argv: list[str] | None = None) -> int:
     print(
         f"ratio to optimum bound: warm-up end {result['warmup_ratio']:.3f}, "
         f"mean after warm-up {result['mean_ratio']:.3f}, min after warm-up {result['min_ratio_after_warmup']:.3f}, "
-        f"final {result['final_ratio']:.3f}"
+        f"final {result['final_ratio']:.3f} (fully settled: {result['settled_ratio_final']:.3f})"
     )
     print(
         f"uncovered blocks: final {result['uncovered_blocks_final']}, max after warm-up "

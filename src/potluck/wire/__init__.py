@@ -31,9 +31,11 @@ from potluck.wire.messages import (
     InferenceStepResult,
     InfoRequest,
     InfoResponse,
+    LoraInfo,
     Message,
     OpenInference,
     SessionId,
+    Tuning,
     parse_message,
 )
 from potluck.wire.tensors import (
@@ -47,6 +49,8 @@ from potluck.wire.tensors import (
 )
 
 __all__ = [
+    "LoraInfo",
+    "Tuning",
     "COMPRESSIONS",
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_LIMITS",

@@ -27,6 +27,25 @@ class Message(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class LoraInfo(Message):
+    """Client-owned LoRA adapters travelling with a request: the tensors follow the hidden states (and prompts)
+    as, for each target in order, A ``[n_blocks, rank, in]`` then B ``[n_blocks, out, rank]``."""
+
+    rank: Annotated[int, Field(ge=1, le=1024)]
+    alpha: Annotated[float, Field(gt=0, le=1e6)]
+    targets: Annotated[list[str], Field(min_length=1, max_length=16)]
+
+
+class Tuning(Message):
+    """What a request carries beyond hidden states. Tensor order: hidden, [grad_out], [prompts], [LoRA...]."""
+
+    has_prompts: bool = (
+        False  # deep prompts [n_blocks, B, P, H] added to the first P positions before each block
+    )
+    lora: LoraInfo | None = None  # client-owned adapters
+    active_adapter: Annotated[str, Field(max_length=128)] | None = None  # a server-preloaded adapter, by name
+
+
 # --- info -------------------------------------------------------------------------------------------
 
 
@@ -61,6 +80,7 @@ class OpenInference(Message):
     batch_size: Annotated[int, Field(ge=1, le=4096)]
     alloc_timeout: Annotated[float, Field(ge=0, le=3600)] = 0.0  # wait this long for cache room, then fail
     output_compression: Compression = "none"
+    tuning: Tuning = Tuning()  # prompts / adapters for the whole session: sent once with this message
 
 
 class InferenceOpened(Message):
@@ -101,13 +121,13 @@ class CloseInference(Message):
 
 
 class ForwardRequest(Message):
-    """tensors = [hidden [B, T, H]] (+ [prompts [n, B, P, H]] when ``has_prompts``)."""
+    """tensors = [hidden [B, T, H]] (+ [prompts [n, B, P, H]]) (+ LoRA tensors), see ``Tuning``."""
 
     kind: Literal["forward_request"] = "forward_request"
     model: str
     start: int
     end: int
-    has_prompts: bool = False
+    tuning: Tuning = Tuning()
     output_compression: Compression = "none"
 
 
@@ -116,18 +136,18 @@ class ForwardResult(Message):
 
 
 class BackwardRequest(Message):
-    """tensors = [hidden_in [B, T, H], grad_out [B, T, H]] (+ prompts when ``has_prompts``)."""
+    """tensors = [hidden_in [B, T, H], grad_out [B, T, H]] (+ prompts) (+ LoRA tensors), see ``Tuning``."""
 
     kind: Literal["backward_request"] = "backward_request"
     model: str
     start: int
     end: int
-    has_prompts: bool = False
+    tuning: Tuning = Tuning()
     output_compression: Compression = "none"
 
 
 class BackwardResult(Message):
-    """tensors = [grad_in [B, T, H]] (+ [grad_prompts] when the request had prompts)."""
+    """tensors = [grad_in [B, T, H]] (+ [grad_prompts]) (+ a gradient per LoRA tensor), as in the request."""
 
     kind: Literal["backward_result"] = "backward_result"
 

@@ -62,7 +62,7 @@ class WireLimits:
     max_ndim: int = 5
     max_elements: int = 1 << 28  # per tensor (256 Mi values = 1 GiB as fp32)
     max_bytes: int = 512 * MiB  # wire payload per tensor
-    max_tensors: int = 16  # per message
+    max_tensors: int = 64  # per message (hidden, grads, prompts, and two per LoRA target)
     max_message_bytes: int = 1 * GiB  # sum of payloads per message: bounds what a peer makes us allocate
     max_header_bytes: int = 64 * 1024
     max_chunk_bytes: int = 4 * MiB  # writers send <= 1 MiB chunks; leave headroom for other writers

@@ -1,0 +1,690 @@
+"""Client-owned LoRA adapters for the frozen blocks, applied inside potluck's own block code; PEFT file format.
+
+A target projection ``y = linear(x)`` of a block becomes ``y + (x @ A.T) @ B.T * scaling`` (PEFT semantics,
+``scaling = alpha / rank``, no dropout). The adapters of a span of blocks live in a :class:`LoraWeights`: per target
+one stacked ``A [n_blocks, rank, in]`` and one ``B [n_blocks, out, rank]``, so a span slices them with plain views
+and autograd reaches the client's tensors through every slice.
+
+Blocks receive a per-block :class:`BlockLora` (``target -> (A_i, B_i)`` plus the scaling) and route their target
+projections through :func:`lora_linear`. This module must not import the family modules (they import it); the
+PEFT functions look the family up lazily.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from potluck.models.spec import ModelSpec
+
+__all__ = [
+    "LORA_TARGETS",
+    "BlockLora",
+    "LoraConfig",
+    "LoraWeights",
+    "PeftFormatError",
+    "load_peft_adapter",
+    "lora_linear",
+    "save_peft_adapter",
+    "target_features",
+]
+
+# Projections a LoRA adapter may target, per family, in a canonical order (the names PEFT's target_modules use).
+LORA_TARGETS: dict[str, tuple[str, ...]] = {
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "bloom": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+}
+
+# Path of each target module inside one block (after the checkpoint's block prefix, e.g. "model.layers.{i}.").
+_MODULE_PATHS: dict[str, dict[str, str]] = {
+    "llama": {
+        "q_proj": "self_attn.q_proj",
+        "k_proj": "self_attn.k_proj",
+        "v_proj": "self_attn.v_proj",
+        "o_proj": "self_attn.o_proj",
+        "gate_proj": "mlp.gate_proj",
+        "up_proj": "mlp.up_proj",
+        "down_proj": "mlp.down_proj",
+    },
+    "bloom": {
+        "query_key_value": "self_attention.query_key_value",
+        "dense": "self_attention.dense",
+        "dense_h_to_4h": "mlp.dense_h_to_4h",
+        "dense_4h_to_h": "mlp.dense_4h_to_h",
+    },
+}
+
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+_PEFT_TORCH_WEIGHTS_NAME = "adapter_model.bin"
+_PEFT_KEY_PREFIX = "base_model.model."
+
+
+class PeftFormatError(ValueError):
+    """A PEFT adapter directory is missing files, uses unsupported options, or does not fit the model."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# config
+
+
+def _valid_targets(family_name: str) -> tuple[str, ...]:
+    if family_name not in LORA_TARGETS:
+        raise ValueError(
+            f"LoRA is not supported for model family {family_name!r}; supported: {', '.join(LORA_TARGETS)}"
+        )
+    return LORA_TARGETS[family_name]
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Rank, alpha and target projections of a LoRA adapter (the same for every block)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+
+    def __post_init__(self) -> None:
+        targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+        object.__setattr__(self, "targets", targets)
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
+            raise ValueError(f"LoRA rank must be a positive int, got {self.rank!r}")
+        if (
+            isinstance(self.alpha, bool)
+            or not isinstance(self.alpha, int | float)
+            or not math.isfinite(self.alpha)
+        ):
+            raise ValueError(f"LoRA alpha must be a finite number, got {self.alpha!r}")
+        object.__setattr__(self, "alpha", float(self.alpha))
+        if not targets or not all(isinstance(t, str) for t in targets):
+            raise ValueError(
+                f"LoRA targets must be a non-empty sequence of module names, got {self.targets!r}"
+            )
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"LoRA targets contain duplicates: {targets}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    def validate(self, family_name: str) -> None:
+        """Raise ValueError if a target is not a projection of ``family_name`` (``spec.family``)."""
+        valid = _valid_targets(family_name)
+        unknown = [t for t in self.targets if t not in valid]
+        if unknown:
+            raise ValueError(
+                f"unknown LoRA target(s) {', '.join(map(repr, unknown))} for model family {family_name!r}; "
+                f"valid targets: {', '.join(valid)}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rank": self.rank, "alpha": self.alpha, "targets": list(self.targets)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LoraConfig:
+        unknown = set(data) - {"rank", "alpha", "targets"}
+        if unknown:
+            raise ValueError(f"unknown LoraConfig field(s): {', '.join(sorted(unknown))}")
+        kwargs: dict[str, Any] = dict(data)
+        if "targets" in kwargs:
+            targets = kwargs["targets"]
+            kwargs["targets"] = (targets,) if isinstance(targets, str) else tuple(targets)
+        return cls(**kwargs)
+
+
+def target_features(spec: ModelSpec, target: str) -> tuple[int, int]:
+    """``(in_features, out_features)`` of projection ``target`` in a block of ``spec``."""
+    hidden, inter = spec.hidden_size, spec.intermediate_size
+    if spec.family == "llama":
+        q_out, kv_out = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        features = {
+            "q_proj": (hidden, q_out),
+            "k_proj": (hidden, kv_out),
+            "v_proj": (hidden, kv_out),
+            "o_proj": (q_out, hidden),
+            "gate_proj": (hidden, inter),
+            "up_proj": (hidden, inter),
+            "down_proj": (inter, hidden),
+        }
+    elif spec.family == "bloom":
+        features = {
+            "query_key_value": (hidden, 3 * hidden),
+            "dense": (hidden, hidden),
+            "dense_h_to_4h": (hidden, inter),
+            "dense_4h_to_h": (inter, hidden),
+        }
+    else:
+        _valid_targets(spec.family)  # raises
+        raise AssertionError("unreachable")
+    if target not in features:
+        raise ValueError(
+            f"unknown LoRA target {target!r} for model family {spec.family!r}; "
+            f"valid targets: {', '.join(LORA_TARGETS[spec.family])}"
+        )
+    return features[target]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# application inside blocks
+
+
+@dataclass(frozen=True)
+class BlockLora:
+    """The adapters of one block: ``target -> (A [rank, in], B [out, rank])`` and the common scaling."""
+
+    adapters: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+    scaling: float
+
+
+def lora_linear(linear: nn.Linear, x: torch.Tensor, lora: BlockLora | None, target: str) -> torch.Tensor:
+    """``linear(x)`` plus the LoRA update of ``target`` if ``lora`` adapts it: ``x [..., in]`` -> ``[..., out]``.
+
+    Like PEFT, the low-rank path runs in the adapter's dtype and is cast back to the projection's output dtype.
+    """
+    out = linear(x)  # [..., out]
+    if lora is None:
+        return out
+    pair = lora.adapters.get(target)
+    if pair is None:
+        return out
+    a, b = pair  # [r, in], [out, r]
+    delta = F.linear(F.linear(x.to(a.dtype), a), b)  # [..., r] -> [..., out]
+    return out + (delta * lora.scaling).to(out.dtype)  # [..., out]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# weights
+
+
+Shape3 = tuple[int, int, int]
+
+
+class LoraWeights:
+    """LoRA adapters of blocks ``start..end-1`` (absolute indices).
+
+    ``a[target]`` is ``[n_blocks, rank, in_features]``, ``b[target]`` is ``[n_blocks, out_features, rank]``;
+    row ``i`` belongs to block ``start + i``. Tensors are used as given (no copies), so gradients of a forward
+    through a span reach them (and the tensors they are views of).
+    """
+
+    def __init__(
+        self,
+        config: LoraConfig,
+        start: int,
+        end: int,
+        a: Mapping[str, torch.Tensor],
+        b: Mapping[str, torch.Tensor],
+    ) -> None:
+        if not (isinstance(start, int) and isinstance(end, int)) or not 0 <= start < end:
+            raise ValueError(f"invalid LoRA block range [{start}, {end}): need 0 <= start < end")
+        targets = set(config.targets)
+        if set(a) != targets or set(b) != targets:
+            raise ValueError(
+                f"LoRA A/B tensors must be given for exactly the targets {list(config.targets)}, "
+                f"got A for {sorted(a)} and B for {sorted(b)}"
+            )
+        n = end - start
+        for target in config.targets:
+            a_t, b_t = a[target], b[target]
+            if a_t.dim() != 3 or a_t.shape[0] != n or a_t.shape[1] != config.rank:
+                raise ValueError(
+                    f"LoRA A of {target!r} must be [{n}, {config.rank}, in_features], got {tuple(a_t.shape)}"
+                )
+            if b_t.dim() != 3 or b_t.shape[0] != n or b_t.shape[2] != config.rank:
+                raise ValueError(
+                    f"LoRA B of {target!r} must be [{n}, out_features, {config.rank}], got {tuple(b_t.shape)}"
+                )
+        self.config = config
+        self.start = start
+        self.end = end
+        self.a: dict[str, torch.Tensor] = {t: a[t] for t in config.targets}
+        self.b: dict[str, torch.Tensor] = {t: b[t] for t in config.targets}
+
+    # --- shape helpers -----------------------------------------------------------------------------------------
+
+    @property
+    def num_blocks(self) -> int:
+        return self.end - self.start
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.a[self.config.targets[0]].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.a[self.config.targets[0]].device
+
+    @staticmethod
+    def shapes(spec: ModelSpec, config: LoraConfig, n_blocks: int) -> dict[str, tuple[Shape3, Shape3]]:
+        """``target -> (A shape [n, r, in], B shape [n, out, r])`` for ``n_blocks`` blocks of ``spec``."""
+        config.validate(spec.family)
+        shapes: dict[str, tuple[Shape3, Shape3]] = {}
+        for target in config.targets:
+            in_features, out_features = target_features(spec, target)
+            shapes[target] = ((n_blocks, config.rank, in_features), (n_blocks, out_features, config.rank))
+        return shapes
+
+    def check_spec(self, spec: ModelSpec) -> None:
+        """Raise ValueError unless targets and feature sizes fit ``spec`` and the blocks exist in it."""
+        if self.end > spec.num_blocks:
+            raise ValueError(
+                f"LoRA covers blocks [{self.start}, {self.end}) but the model has {spec.num_blocks} blocks"
+            )
+        for target, (a_shape, b_shape) in self.shapes(spec, self.config, self.num_blocks).items():
+            got_a, got_b = tuple(self.a[target].shape), tuple(self.b[target].shape)
+            if got_a != a_shape or got_b != b_shape:
+                raise ValueError(
+                    f"LoRA {target!r} shapes do not fit model {spec.model_type!r}: expected A {a_shape} and "
+                    f"B {b_shape}, got A {got_a} and B {got_b}"
+                )
+
+    # --- construction --------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_tensors(
+        cls,
+        config: LoraConfig,
+        start: int,
+        end: int,
+        tensors: Sequence[torch.Tensor],
+        spec: ModelSpec | None = None,
+    ) -> LoraWeights:
+        """Inverse of :meth:`tensors`: ``[A_t0, B_t0, A_t1, B_t1, ...]`` in ``config.targets`` order.
+
+        With ``spec`` the targets and in/out features are checked against the model too.
+        """
+        expected = 2 * len(config.targets)
+        if len(tensors) != expected:
+            raise ValueError(
+                f"expected {expected} LoRA tensors (A and B for each of {list(config.targets)}), got {len(tensors)}"
+            )
+        if spec is not None:
+            config.validate(spec.family)
+        a = {t: tensors[2 * k] for k, t in enumerate(config.targets)}
+        b = {t: tensors[2 * k + 1] for k, t in enumerate(config.targets)}
+        weights = cls(config, start, end, a, b)
+        if spec is not None:
+            weights.check_spec(spec)
+        return weights
+
+    @classmethod
+    def zeros_like_spec(
+        cls,
+        spec: ModelSpec,
+        config: LoraConfig,
+        start: int,
+        end: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        generator: torch.Generator | None = None,
+    ) -> LoraWeights:
+        """All-zero A and B of the right shapes (e.g. gradient buffers); ``generator`` is ignored."""
+        del generator
+        _check_range(spec, start, end)
+        a, b = {}, {}
+        for target, (a_shape, b_shape) in cls.shapes(spec, config, end - start).items():
+            a[target] = torch.zeros(a_shape, dtype=dtype, device=device)
+            b[target] = torch.zeros(b_shape, dtype=dtype, device=device)
+        return cls(config, start, end, a, b)
+
+    @classmethod
+    def init(
+        cls,
+        spec: ModelSpec,
+        config: LoraConfig,
+        start: int,
+        end: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        generator: torch.Generator | None = None,
+    ) -> LoraWeights:
+        """PEFT's default init: A like ``nn.Linear`` (kaiming-uniform, a=sqrt(5)), B zeros (a no-op adapter)."""
+        weights = cls.zeros_like_spec(spec, config, start, end, dtype=dtype, device=device)
+        for target in config.targets:
+            weights.a[target] = _linear_uniform(weights.a[target], generator)
+        return weights
+
+    @classmethod
+    def init_random(
+        cls,
+        spec: ModelSpec,
+        config: LoraConfig,
+        start: int,
+        end: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        generator: torch.Generator | None = None,
+    ) -> LoraWeights:
+        """A and B both ``nn.Linear``-style random (PEFT's ``init_lora_weights=False``), so the adapter is active."""
+        weights = cls.zeros_like_spec(spec, config, start, end, dtype=dtype, device=device)
+        for target in config.targets:
+            weights.a[target] = _linear_uniform(weights.a[target], generator)
+            weights.b[target] = _linear_uniform(weights.b[target], generator)
+        return weights
+
+    # --- views and conversions -------------------------------------------------------------------------------------
+
+    def tensors(self) -> list[torch.Tensor]:
+        """``[A_t0, B_t0, A_t1, B_t1, ...]`` in ``config.targets`` order (the order :meth:`from_tensors` takes)."""
+        out: list[torch.Tensor] = []
+        for target in self.config.targets:
+            out += [self.a[target], self.b[target]]
+        return out
+
+    def slice(self, start: int, end: int) -> LoraWeights:
+        """Adapters of blocks ``start..end-1`` (absolute indices) as views; autograd flows to the originals."""
+        if not self.start <= start < end <= self.end:
+            raise ValueError(
+                f"LoRA slice [{start}, {end}) is not a non-empty sub-range of [{self.start}, {self.end})"
+            )
+        if (start, end) == (self.start, self.end):
+            return self
+        lo, hi = start - self.start, end - self.start
+        a = {t: x[lo:hi] for t, x in self.a.items()}
+        b = {t: x[lo:hi] for t, x in self.b.items()}
+        return LoraWeights(self.config, start, end, a, b)
+
+    def block(self, index: int) -> BlockLora:
+        """Adapters of local block ``index`` (``0 <= index < num_blocks``)."""
+        if not 0 <= index < self.num_blocks:
+            raise IndexError(f"local block index {index} out of range for {self.num_blocks} blocks")
+        adapters = {t: (self.a[t][index], self.b[t][index]) for t in self.config.targets}  # [r, in], [out, r]
+        return BlockLora(adapters, self.config.scaling)
+
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> LoraWeights:
+        """Copy with tensors moved/cast (differentiable, like ``Tensor.to``); returns ``self`` if nothing changes."""
+        a = {t: x.to(dtype=dtype, device=device) for t, x in self.a.items()}
+        b = {t: x.to(dtype=dtype, device=device) for t, x in self.b.items()}
+        if all(a[t] is self.a[t] and b[t] is self.b[t] for t in self.config.targets):
+            return self
+        return LoraWeights(self.config, self.start, self.end, a, b)
+
+    def detach(self) -> LoraWeights:
+        a = {t: x.detach() for t, x in self.a.items()}
+        b = {t: x.detach() for t, x in self.b.items()}
+        return LoraWeights(self.config, self.start, self.end, a, b)
+
+    def requires_grad_(self, requires_grad: bool = True) -> LoraWeights:
+        """Set ``requires_grad`` on every tensor in place (they must be leaves); returns ``self``."""
+        for tensor in self.tensors():
+            tensor.requires_grad_(requires_grad)
+        return self
+
+    def __repr__(self) -> str:
+        return (
+            f"LoraWeights(start={self.start}, end={self.end}, rank={self.config.rank}, alpha={self.config.alpha}, "
+            f"targets={list(self.config.targets)}, dtype={self.dtype}, device={self.device})"
+        )
+
+
+def _check_range(spec: ModelSpec, start: int, end: int) -> None:
+    if not (isinstance(start, int) and isinstance(end, int)) or not 0 <= start < end <= spec.num_blocks:
+        raise ValueError(
+            f"invalid block range [{start}, {end}): need 0 <= start < end <= num_blocks ({spec.num_blocks})"
+        )
+
+
+def _linear_uniform(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """``nn.Linear``'s weight init (kaiming-uniform with a=sqrt(5): U(-1/sqrt(in), 1/sqrt(in))) per block.
+
+    ``like`` is ``[n, out, in]``; sampled in fp32 on the generator's device, then moved to ``like``'s.
+    """
+    bound = 1.0 / math.sqrt(like.shape[-1])
+    sample_device = generator.device if generator is not None else like.device
+    x = torch.empty(like.shape, dtype=torch.float32, device=sample_device)
+    x.uniform_(-bound, bound, generator=generator)
+    return x.to(dtype=like.dtype, device=like.device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PEFT format
+
+# adapter_config.json options whose non-default values change what the adapter computes (or where it applies)
+# beyond what LoraWeights can express.
+_UNSUPPORTED_IF_SET = (
+    "rank_pattern",
+    "alpha_pattern",
+    "use_dora",
+    "use_rslora",
+    "fan_in_fan_out",
+    "lora_bias",
+    "layers_to_transform",
+    "layers_pattern",
+    "layer_replication",
+    "modules_to_save",
+    "target_parameters",
+    "trainable_token_indices",
+    "alora_invocation_tokens",
+    "use_qalora",
+    "use_bdlora",
+    "arrow_config",
+    "kasa_config",
+    "velora_config",
+    "monteclora_config",
+)
+# init methods that also modify the base weights (the adapter only works on top of the modified model)
+_BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+def _block_prefix_pattern(spec: ModelSpec) -> tuple[str, str]:
+    """``(block prefix template, base-model prefix)`` of the checkpoint names, e.g. ("model.layers.{i}.", "model.")."""
+    from potluck.models.registry import (
+        get_family,  # lazy: registry imports the family modules, which import us
+    )
+
+    family = get_family(spec.model_type)
+    return family.block_prefix_template, family.base_prefix
+
+
+def _peft_key(spec: ModelSpec, block: int, target: str, which: str) -> str:
+    template, _ = _block_prefix_pattern(spec)
+    path = _MODULE_PATHS[spec.family][target]
+    return f"{_PEFT_KEY_PREFIX}{template.format(i=block)}{path}.lora_{which}.weight"
+
+
+def save_peft_adapter(
+    path: str | os.PathLike[str],
+    lora: LoraWeights,
+    spec: ModelSpec,
+    *,
+    base_model_name_or_path: str | None = None,
+) -> None:
+    """Write ``lora`` (covering all blocks of ``spec``) as a PEFT LoRA adapter directory.
+
+    Creates ``adapter_config.json`` and ``adapter_model.safetensors`` with the key names PEFT itself writes, so
+    ``peft.PeftModel.from_pretrained(hf_model, path)`` loads it.
+    """
+    from safetensors.torch import save_file
+
+    if (lora.start, lora.end) != (0, spec.num_blocks):
+        raise ValueError(
+            f"a PEFT adapter must cover all {spec.num_blocks} blocks, LoRA covers [{lora.start}, {lora.end})"
+        )
+    lora.check_spec(spec)
+    config = lora.config
+    tensors: dict[str, torch.Tensor] = {}
+    for target in config.targets:
+        a, b = lora.a[target].detach().cpu(), lora.b[target].detach().cpu()
+        for i in range(lora.num_blocks):
+            tensors[_peft_key(spec, i, target, "A")] = a[i].contiguous()  # [r, in]
+            tensors[_peft_key(spec, i, target, "B")] = b[i].contiguous()  # [out, r]
+    alpha: float | int = int(config.alpha) if float(config.alpha).is_integer() else config.alpha
+    adapter_config: dict[str, Any] = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "r": config.rank,
+        "lora_alpha": alpha,
+        "target_modules": list(config.targets),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, PEFT_CONFIG_NAME), "w") as f:
+        json.dump(adapter_config, f, indent=2, sort_keys=True)
+        f.write("\n")
+    save_file(tensors, os.path.join(path, PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+def _is_set(value: Any) -> bool:
+    return value not in (None, False, {}, [], "", 0)
+
+
+def _check_peft_config(cfg: Mapping[str, Any], where: str) -> None:
+    peft_type = cfg.get("peft_type")
+    if peft_type != "LORA":
+        raise PeftFormatError(f"{where}: peft_type {peft_type!r} is not supported (only 'LORA')")
+    task_type = cfg.get("task_type")
+    if task_type not in (None, "CAUSAL_LM", "FEATURE_EXTRACTION"):
+        raise PeftFormatError(f"{where}: task_type {task_type!r} is not supported (expected 'CAUSAL_LM')")
+    bias = cfg.get("bias", "none")
+    if bias != "none":
+        raise PeftFormatError(f"{where}: bias={bias!r} is not supported (only 'none')")
+    unsupported = {key: cfg[key] for key in _UNSUPPORTED_IF_SET if _is_set(cfg.get(key))}
+    if unsupported:
+        desc = ", ".join(f"{key}={value!r}" for key, value in unsupported.items())
+        raise PeftFormatError(f"{where}: unsupported LoRA option(s): {desc}")
+    init = cfg.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_MODIFYING_INITS):
+        raise PeftFormatError(
+            f"{where}: init_lora_weights={init!r} modifies the base weights; convert the adapter to plain LoRA "
+            "(PEFT's path_initial_model_for_weight_conversion) first"
+        )
+    rank, alpha = cfg.get("r"), cfg.get("lora_alpha")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise PeftFormatError(f"{where}: r must be a positive int, got {rank!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float):
+        raise PeftFormatError(f"{where}: lora_alpha must be a number, got {alpha!r}")
+    target_modules = cfg.get("target_modules")
+    if not isinstance(target_modules, str) and not (
+        isinstance(target_modules, list)
+        and target_modules
+        and all(isinstance(t, str) for t in target_modules)
+    ):
+        raise PeftFormatError(
+            f"{where}: target_modules must be a module name list or a regex string, got {target_modules!r}"
+        )
+
+
+def load_peft_adapter(
+    path: str | os.PathLike[str],
+    spec: ModelSpec,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> LoraWeights:
+    """Read a PEFT LoRA adapter directory (written by PEFT or :func:`save_peft_adapter`) for a model of ``spec``.
+
+    The targets are taken from the tensors in ``adapter_model.safetensors`` (which also handles a regex-string
+    ``target_modules``); every target must be adapted in every block. Options LoraWeights cannot express are
+    rejected with :class:`PeftFormatError`.
+    """
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    config_path = os.path.join(path, PEFT_CONFIG_NAME)
+    weights_path = os.path.join(path, PEFT_WEIGHTS_NAME)
+    if not os.path.isfile(config_path):
+        raise PeftFormatError(f"{path}: {PEFT_CONFIG_NAME} not found (not a PEFT adapter directory)")
+    if not os.path.isfile(weights_path):
+        found_bin = os.path.isfile(os.path.join(path, _PEFT_TORCH_WEIGHTS_NAME))
+        raise PeftFormatError(
+            f"{path}: {PEFT_WEIGHTS_NAME} not found"
+            + (
+                f" (found {_PEFT_TORCH_WEIGHTS_NAME}; only safetensors adapters are supported)"
+                if found_bin
+                else ""
+            )
+        )
+    with open(config_path) as f:
+        cfg = json.load(f)
+    if not isinstance(cfg, dict):
+        raise PeftFormatError(f"{config_path}: expected a JSON object")
+    _check_peft_config(cfg, config_path)
+    valid_targets = _valid_targets(spec.family)
+
+    template, base_prefix = _block_prefix_pattern(spec)
+    layers_re = re.escape(template).replace(re.escape("{i}"), r"(\d+)")
+    # the base-model prefix is optional: adapters trained on the bare base model (e.g. LlamaModel) lack it
+    if template.startswith(base_prefix):
+        layers_re = f"(?:{re.escape(base_prefix)})?{layers_re[len(re.escape(base_prefix)) :]}"
+    path_to_target = {p: t for t, p in _MODULE_PATHS[spec.family].items()}
+    paths_re = "|".join(re.escape(p) for p in path_to_target)
+    key_re = re.compile(
+        rf"(?:{re.escape(_PEFT_KEY_PREFIX)})?{layers_re}({paths_re})\.lora_([AB])(?:\.default)?\.weight"
+    )
+
+    found: dict[str, dict[str, dict[int, torch.Tensor]]] = {}  # target -> "A"/"B" -> block -> tensor
+    unknown: list[str] = []
+    with safe_open(weights_path, framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+            match = key_re.fullmatch(key)
+            if match is None:
+                unknown.append(key)
+                continue
+            block, target, which = int(match.group(1)), path_to_target[match.group(2)], match.group(3)
+            if block >= spec.num_blocks:
+                raise PeftFormatError(
+                    f"{weights_path}: {key} is for block {block}, model has {spec.num_blocks}"
+                )
+            found.setdefault(target, {}).setdefault(which, {})[block] = f.get_tensor(key)
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else "")
+        raise PeftFormatError(
+            f"{weights_path}: tensors not on a supported LoRA target of a {spec.family} block "
+            f"({', '.join(valid_targets)}): {shown}"
+        )
+    if not found:
+        raise PeftFormatError(f"{weights_path}: no LoRA tensors found")
+
+    targets = tuple(t for t in valid_targets if t in found)
+    config = LoraConfig(rank=cfg["r"], alpha=cfg["lora_alpha"], targets=targets)
+    a: dict[str, torch.Tensor] = {}
+    b: dict[str, torch.Tensor] = {}
+    for target in targets:
+        per_block = found[target]
+        for which in ("A", "B"):
+            missing = [i for i in range(spec.num_blocks) if i not in per_block.get(which, {})]
+            if missing:
+                raise PeftFormatError(
+                    f"{weights_path}: lora_{which} of {target!r} is missing for blocks {missing}; "
+                    "adapters must cover every block"
+                )
+        for which, out in (("A", a), ("B", b)):
+            mats = [per_block[which][i] for i in range(spec.num_blocks)]
+            shapes = {tuple(m.shape) for m in mats}
+            if len(shapes) != 1 or mats[0].dim() != 2:
+                raise PeftFormatError(
+                    f"{weights_path}: lora_{which} of {target!r} must be one 2-d shape in every block "
+                    f"(rank_pattern is not supported), got shapes {sorted(shapes)}"
+                )
+            out[target] = torch.stack(mats).to(dtype=dtype, device=device)  # [n, r, in] / [n, out, r]
+    try:
+        return LoraWeights.from_tensors(
+            config, 0, spec.num_blocks, [x for t in targets for x in (a[t], b[t])], spec=spec
+        )
+    except ValueError as e:
+        raise PeftFormatError(f"{path}: adapter does not fit the model: {e}") from e
