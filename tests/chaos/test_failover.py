@@ -204,3 +204,40 @@ def test_all_holders_die_and_none_returns(swarm, model_path, prompt) -> None:  #
             )
         waited = time.monotonic() - killed_at[0]
     assert wait <= waited < wait + 10  # the configured wait, plus a DHT refresh or two
+
+
+def test_server_killed_between_forward_and_backward(swarm, model_path) -> None:  # type: ignore[no-untyped-def]
+    from potluck.models import LocalCausalLM
+
+    procs = _start(swarm, model_path, (0, 4), (4, 8), (4, 8))
+    ids = torch.randint(3, 250, (2, 16), generator=torch.Generator().manual_seed(7))
+    with _client(swarm, model_path, tuning_mode="deep_ptune", pre_seq_len=3) as model:
+        with torch.no_grad():
+            model.prompts.intermediate_prompts.normal_(0, 0.1, generator=torch.Generator().manual_seed(8))
+        used: list[str] = []
+        forward_hop = model.blocks.forward_hop
+
+        async def recording_forward_hop(hop: Any, hidden: torch.Tensor, tuning: Any) -> torch.Tensor:
+            used.append(hop.peer_id)
+            return await forward_hop(hop, hidden, tuning)
+
+        model.blocks.forward_hop = recording_forward_hop  # type: ignore[method-assign]
+        loss = model(input_ids=ids, labels=ids).loss
+        victim = next(p for p in procs[1:] if p.peer_id in used)
+        swarm.kill(victim)  # its forward ran; its backward must go to the standby
+        loss.backward()
+        grads = [model.prompts.prompt_embeddings.grad, model.prompts.intermediate_prompts.grad]
+        prefix = model.prompts.prompt_embeddings.detach().clone().requires_grad_(True)
+        deep = model.prompts.intermediate_prompts.detach().clone().requires_grad_(True)
+        assert used.count(victim.peer_id) == 1 and len(used) > 2  # the forward was re-run on the replacement
+    local = LocalCausalLM.from_pretrained(model_path)
+    local.requires_grad_(False)
+    embeds = torch.cat([prefix.unsqueeze(0).expand(2, -1, -1), local.client.embed(ids)], dim=1)
+    logits = local.client.head(local.span(local.client.pre_blocks(embeds), prompts=deep.unsqueeze(1))[:, 3:])
+    ref = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
+    )
+    ref.backward()
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(grads[0], prefix.grad, atol=1e-4, rtol=0)
+    torch.testing.assert_close(grads[1], deep.grad, atol=1e-4, rtol=0)
