@@ -154,6 +154,10 @@ def bench_failover(args: argparse.Namespace) -> dict[str, Any]:
 
                 out = model.generate(prompt, max_new_tokens=args.new_tokens, streamer=Clock())
                 failovers = session.remote.failovers
+                new_peer = session.remote.hops[-1].peer_id
+                replay_ms = next(
+                    (srv * 1000 for peer, _, srv in session.remote.hop_times if peer == new_peer), 0.0
+                )
         finally:
             model.shutdown()
         local = LocalCausalLM.from_pretrained(model_path)
@@ -174,6 +178,10 @@ def bench_failover(args: argparse.Namespace) -> dict[str, Any]:
         "killed_after_tokens": args.kill_after,
         "failovers": failovers,
         "failure_to_next_token_ms": _ms(recovery),
+        "replay_compute_ms": round(replay_ms, 3),  # the replacement's server time for the replayed tokens
+        "failover_overhead_ms": round(
+            recovery * 1000 - replay_ms, 3
+        ),  # detection, re-route, open, rest of the step
         "normal_step_ms": _ms(normal),
         "replayed_tokens": replayed,
         "output_matches_local": bool(torch.equal(out, expected)),

@@ -75,8 +75,12 @@ def serve(args: argparse.Namespace) -> int:
         max_batch_tokens=args.max_batch_tokens,
         step_timeout=args.step_timeout,
         update_period=args.update_period,
-        expiration=max(3 * args.update_period, 5.0),
+        expiration=max(2 * args.update_period, 3.0),
         throughput=args.throughput,
+        bandwidth_mbps=args.bandwidth_mbps,
+        balance_quality=args.balance_quality,
+        balance_check_period=args.balance_check_period,
+        start_delay_max=args.start_delay_max,
         adapters=tuple(args.adapters),
     )
     return run_server(config)

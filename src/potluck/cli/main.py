@@ -73,6 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--throughput", type=float, default=None, help="announced tokens/s per block (default: measure)"
     )
     p.add_argument("--adapters", nargs="*", default=[], metavar="DIR", help="PEFT LoRA adapters to preload")
+    p.add_argument(
+        "--bandwidth-mbps", type=float, default=100.0, help="network bandwidth, for the announced throughput"
+    )
+    p.add_argument(
+        "--balance-quality", type=float, default=0.75,
+        help="with automatic placement, move when the swarm's throughput would grow past 1/this (0: never move)",
+    )  # fmt: skip
+    p.add_argument(
+        "--balance-check-period", type=float, default=60.0, help="seconds between rebalancing checks"
+    )
+    p.add_argument(
+        "--start-delay-max", type=float, default=5.0, help="random delay before choosing blocks (s)"
+    )
     p.add_argument("--revision", default=None, help="hub revision")
     p.add_argument("--token", default=None, help="hub token for gated models")
 
@@ -114,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", default=None, metavar="DIR", help="write the trained adapters / prompts here")
     p.add_argument("--json", action="store_true", help="also print the losses as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser(
+        "simulate", help="simulate load balancing of many servers (prints JSON with --json)", add_help=False
+    )
+    p.add_argument("args", nargs=argparse.REMAINDER, help="see `potluck simulate --help`")
 
     p = sub.add_parser("demo", help="start a local swarm, generate through it, survive a failure, stop it")
     p.add_argument(
@@ -167,6 +185,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # threads that spin-wait between parallel regions then steal cycles from whichever process is computing.
     # Must be set before torch loads its OpenMP runtime.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "simulate":  # pure and network-free: hand the rest to the simulator's own parser
+        from potluck.swarm.simulator import simulate_main
+
+        return simulate_main(argv[1:])
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
     from potluck.cli import commands

@@ -9,20 +9,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import string
 from pathlib import Path
 from typing import Any
 
+from potluck.paths import cache_root
+
 logger = logging.getLogger(__name__)
 
 DEMO_RECIPE = "demo-llama-v1"
 BENCH_RECIPE = "bench-llama-1024-v1"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("POTLUCK_CACHE", Path.home() / ".cache" / "potluck"))
 
 
 def _byte_tokenizer() -> Any:

@@ -6,7 +6,8 @@ from typing import Any
 
 from potluck.models import load_config
 from potluck.swarm import aio
-from potluck.swarm.records import SwarmSnapshot, block_key, model_prefix_for
+from potluck.swarm.directory import fetch_snapshot
+from potluck.swarm.records import SwarmSnapshot, model_prefix_for
 from potluck.swarm.routing import format_block_ranges
 from potluck.swarm.transport import NodeOptions, SwarmNode
 
@@ -18,11 +19,7 @@ async def read_snapshot(
         NodeOptions(initial_peers=initial_peers, host=host or "127.0.0.1", client_mode=True)
     )
     try:
-        keys = [block_key(model_prefix, b) for b in range(num_blocks)]
-        found = await node.get_many(keys)
-        return SwarmSnapshot.from_block_entries(
-            model_prefix, num_blocks, {b: found.get(k, {}) for b, k in enumerate(keys)}, now=SwarmNode.now()
-        )
+        return await fetch_snapshot(node, model_prefix, num_blocks)
     finally:
         await node.shutdown()
 

@@ -12,7 +12,8 @@ import time
 from dataclasses import dataclass
 
 from potluck.client.config import ClientConfig
-from potluck.swarm.records import SwarmSnapshot, block_key
+from potluck.swarm.directory import fetch_snapshot
+from potluck.swarm.records import SwarmSnapshot
 from potluck.swarm.routing import MissingBlocksError, RouteHop, find_forward_route, find_inference_route
 from potluck.swarm.transport import NodeOptions, SwarmNode
 
@@ -75,11 +76,8 @@ class SwarmView:
         async with self._refresh_lock:
             if time.monotonic() - self._refreshed_at < min_age:
                 return self.snapshot
-            keys = [block_key(self.model_prefix, b) for b in range(self.num_blocks)]
-            found = await self.node.get_many(keys, timeout=self.config.connect_timeout)
-            entries = {b: found.get(key, {}) for b, key in enumerate(keys)}
-            self.snapshot = SwarmSnapshot.from_block_entries(
-                self.model_prefix, self.num_blocks, entries, now=SwarmNode.now()
+            self.snapshot = await fetch_snapshot(
+                self.node, self.model_prefix, self.num_blocks, timeout=self.config.connect_timeout
             )
             self._refreshed_at = time.monotonic()
             return self.snapshot

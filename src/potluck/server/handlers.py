@@ -74,6 +74,7 @@ class ServerState:
     limits: WireLimits
     state: str = "joining"  # joining | online | offline (draining)
     in_flight: int = 0  # steps and forward/backward calls being computed now
+    generation: int = 0  # bumped when the server moves to other blocks: older sessions are refused
     sessions: dict[str, float] = field(default_factory=dict)  # session id -> open time
     adapters: dict[str, LoraWeights] = field(default_factory=dict)  # preloaded PEFT adapters by name
     idle: asyncio.Event = field(default_factory=asyncio.Event)
@@ -247,6 +248,7 @@ class Handlers:
     ) -> None:
         cfg = self.s.config
         deadline = time.monotonic() + cfg.session_timeout
+        generation = self.s.generation
         while True:
             timeout = min(cfg.step_timeout, deadline - time.monotonic())
             if timeout <= 0:
@@ -259,6 +261,10 @@ class Handlers:
                 return
             if not isinstance(msg, InferenceStep):
                 raise BadRequest(f"expected inference_step, got {_kind(msg)}")
+            if self.s.generation != generation:
+                raise BadRequest(
+                    "this server moved to other blocks: continue elsewhere", "wrong_span", retryable=True
+                )
             if self.s.state == "offline":
                 raise BadRequest("server is draining: continue on another server", "draining", retryable=True)
             if len(tensors) != 1:

@@ -1,4 +1,4 @@
-"""A server's lifecycle: join the swarm, load its span, announce it, serve, and drain on shutdown."""
+"""A server's lifecycle: join the swarm, choose and load its span, announce it, serve, rebalance, drain."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import asyncio
 import contextlib
 import json
 import logging
+import random
 import signal
 import sys
-import time
 
 import torch
 
-from potluck.models import load_config, load_span
+from potluck.models import BlockSpan, load_config, load_span
 from potluck.server.cache_budget import CacheBudget
 from potluck.server.config import ServerConfig
 from potluck.server.handlers import (
@@ -23,10 +23,12 @@ from potluck.server.handlers import (
     Handlers,
     ServerState,
 )
+from potluck.server.placement import read_snapshot, size_num_blocks
 from potluck.server.runtime import Runtime
-from potluck.server.throughput import measure_throughput
+from potluck.server.throughput import get_throughput
 from potluck.server.tuning import load_adapters
 from potluck.swarm import aio
+from potluck.swarm.placement import choose_span_for, should_move
 from potluck.swarm.records import ServerRecord, block_key, model_prefix_for, record_to_dht
 from potluck.swarm.records import ServerState as RecordState
 from potluck.swarm.transport import SwarmNode
@@ -38,12 +40,9 @@ logger = logging.getLogger(__name__)
 def resolve_dtype(name: str, device: str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    try:
-        dtype = getattr(torch, name)
-    except AttributeError:
-        raise ValueError(f"unknown dtype {name!r}; choose float32, bfloat16, float16 or auto") from None
+    dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype {name!r} is not a floating type")
+        raise ValueError(f"unknown dtype {name!r}; choose float32, bfloat16, float16 or auto")
     return dtype
 
 
@@ -57,9 +56,15 @@ class Server:
         self.node: SwarmNode | None = None
         self.state: ServerState | None = None
         self._throughput: dict[str, float] = {}
+        self._rng = random.Random()
+        self.dtype = resolve_dtype(config.dtype, config.device)
+        self.num_model_blocks = 0
+        self.moves = 0
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    # --- main ---------------------------------------------------------------------------------------
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -68,38 +73,26 @@ class Server:
                 loop.add_signal_handler(sig, self.request_stop)
         cfg = self.config
         hf_config = load_config(cfg.model, revision=cfg.revision, token=cfg.token)
-        num_layers = int(hf_config.num_hidden_layers)
-        if cfg.blocks is None:
-            raise ValueError(
-                "choose the span with --blocks A:B (automatic placement comes with load balancing)"
-            )
-        start, end = cfg.blocks
-        if not (0 <= start < end <= num_layers):
-            raise ValueError(
-                f"--blocks {start}:{end} is outside the model's {num_layers} blocks (0:{num_layers})"
-            )
-        dtype = resolve_dtype(cfg.dtype, cfg.device)
+        self.num_model_blocks = int(hf_config.num_hidden_layers)
+        if cfg.blocks is not None:
+            start, end = cfg.blocks
+            if not (0 <= start < end <= self.num_model_blocks):
+                raise ValueError(
+                    f"--blocks {start}:{end} is outside the model's {self.num_model_blocks} blocks "
+                    f"(0:{self.num_model_blocks})"
+                )
+            length = end - start
+        else:
+            length = cfg.num_blocks or size_num_blocks(hf_config, self.dtype, cfg.device, cfg.cache_tokens)
+            length = max(1, min(length, self.num_model_blocks))
 
         self.node = await SwarmNode.create(cfg.node)
-        runtime: Runtime | None = None
-        announcer: asyncio.Task[None] | None = None
+        runtime = Runtime()
+        tasks: list[asyncio.Task[None]] = []
         try:
-            self._joining_span = (start, end)
-            await self._announce("joining", start, end, cache_left=cfg.cache_tokens, dtype=dtype)
-            logger.info("loading blocks %d:%d of %s (%s, %s)", start, end, cfg.model, dtype, cfg.device)
-            span = await asyncio.to_thread(
-                load_span,
-                cfg.model,
-                start,
-                end,
-                dtype=dtype,
-                device=cfg.device,
-                revision=cfg.revision,
-                token=cfg.token,
-            )
-            span.requires_grad_(False)
-            adapters = load_adapters(cfg.adapters, span.spec, start, end, dtype=dtype, device=cfg.device)
-            runtime = Runtime()
+            if cfg.blocks is None:
+                start = await self._choose_start(length)
+            span = await self._load(start, start + length)
             self.state = ServerState(
                 config=cfg,
                 model_prefix=self.model_prefix,
@@ -107,39 +100,131 @@ class Server:
                 runtime=runtime,
                 budget=CacheBudget(cfg.cache_tokens),
                 limits=DEFAULT_LIMITS,
-                adapters=adapters,
+                adapters=self._adapters(span),
             )
-            self._throughput = await runtime.run(0, lambda: measure_throughput(span, cfg.throughput))
+            model_key = f"{cfg.model}@{cfg.revision or 'main'}"
+            self._throughput = await runtime.run(
+                0,
+                lambda: get_throughput(
+                    span, model_key=model_key, override=cfg.throughput, bandwidth_mbps=cfg.bandwidth_mbps
+                ),
+            )
             handlers = Handlers(self.state)
-            await self.node.add_stream_handler(PROTOCOL_INFO, handlers.info)
-            await self.node.add_stream_handler(PROTOCOL_INFERENCE, handlers.inference)
-            await self.node.add_stream_handler(PROTOCOL_FORWARD, handlers.forward)
-            await self.node.add_stream_handler(PROTOCOL_BACKWARD, handlers.backward)
+            for protocol, handler in (
+                (PROTOCOL_INFO, handlers.info),
+                (PROTOCOL_INFERENCE, handlers.inference),
+                (PROTOCOL_FORWARD, handlers.forward),
+                (PROTOCOL_BACKWARD, handlers.backward),
+            ):
+                await self.node.add_stream_handler(protocol, handler)
             self.state.state = "online"
             await self._announce_current()
-            announcer = asyncio.create_task(self._announce_loop())
+            tasks.append(asyncio.create_task(self._announce_loop()))
+            if cfg.blocks is None and cfg.balance_quality > 0:
+                tasks.append(asyncio.create_task(self._balance_loop()))
             maddrs = await self.node.visible_maddrs()
             logger.info(
                 "online: peer %s serving blocks %d:%d of %s (%.1f tokens/s per block)",
-                self.node.peer_id, start, end, self.model_prefix, self._throughput["throughput"],
+                self.node.peer_id, span.start, span.end, self.model_prefix, self._throughput["throughput"],
             )  # fmt: skip
             # A machine-readable line for launchers (demo, bench, tests) that wait for readiness.
             print(
                 "POTLUCK_READY "
-                + json.dumps({"peer_id": self.node.peer_id, "start": start, "end": end, "maddrs": maddrs}),
+                + json.dumps(
+                    {"peer_id": self.node.peer_id, "start": span.start, "end": span.end, "maddrs": maddrs}
+                ),
                 flush=True,
             )
             await self._stop.wait()
             await self._drain()
         finally:
-            if announcer is not None:
-                announcer.cancel()
+            for task in tasks:
+                task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await announcer
-            if runtime is not None:
-                runtime.shutdown()
+                    await task
+            runtime.shutdown()
             await self.node.shutdown()
             logger.info("server stopped")
+
+    # --- span choice, loading, moving ------------------------------------------------------------------
+
+    async def _choose_start(self, length: int) -> int:
+        """Wait a random moment (servers started together then see each other), then take the weakest window."""
+        assert self.node is not None
+        delay = self._rng.uniform(0, self.config.start_delay_max)
+        logger.info("choosing %d blocks after a %.1fs random delay", length, delay)
+        await asyncio.sleep(delay)
+        snapshot = await read_snapshot(self.node, self.model_prefix, self.num_model_blocks)
+        start = choose_span_for(snapshot, 1.0, length, exclude_peer=self.node.peer_id)
+        logger.info(
+            "chose blocks %d:%d (per-block throughput %s)",
+            start,
+            start + length,
+            snapshot.block_throughputs(),
+        )
+        return start
+
+    async def _load(self, start: int, end: int) -> BlockSpan:
+        cfg = self.config
+        await self._announce("joining", start, end, cache_left=cfg.cache_tokens)
+        logger.info("loading blocks %d:%d of %s (%s, %s)", start, end, cfg.model, self.dtype, cfg.device)
+        span = await asyncio.to_thread(
+            load_span,
+            cfg.model,
+            start,
+            end,
+            dtype=self.dtype,
+            device=cfg.device,
+            revision=cfg.revision,
+            token=cfg.token,
+        )
+        span.requires_grad_(False)
+        return span
+
+    def _adapters(self, span: BlockSpan) -> dict:  # type: ignore[type-arg]
+        cfg = self.config
+        return load_adapters(
+            cfg.adapters, span.spec, span.start, span.end, dtype=self.dtype, device=cfg.device
+        )
+
+    async def _balance_loop(self) -> None:
+        """Every ~period (randomised so servers do not move in lockstep), move if the swarm would gain enough."""
+        assert self.node is not None and self.state is not None
+        period = self.config.balance_check_period
+        while True:
+            await asyncio.sleep(self._rng.uniform(0.5 * period, 1.5 * period))
+            try:
+                snapshot = await read_snapshot(self.node, self.model_prefix, self.num_model_blocks)
+                if self.node.peer_id not in snapshot.servers:
+                    continue  # our own records are not visible yet
+                new_start = should_move(
+                    snapshot, self.node.peer_id, balance_quality=self.config.balance_quality, rng=self._rng
+                )
+            except Exception as e:  # a flaky DHT read must not stop balancing
+                logger.warning("balance check failed: %s", e)
+                continue
+            if new_start is not None and new_start != self.state.span.start:
+                await self._move(new_start)
+
+    async def _move(self, new_start: int) -> None:
+        """Announce offline, drain, load the new span, announce online. Clients of the old span fail over."""
+        assert self.state is not None
+        s = self.state
+        old = (s.span.start, s.span.end)
+        length = old[1] - old[0]
+        logger.info("rebalancing: moving from blocks %d:%d to %d:%d", *old, new_start, new_start + length)
+        s.state = "offline"
+        await self._announce_current()
+        if s.in_flight:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(s.idle.wait(), timeout=self.config.drain_timeout)
+        s.generation += 1  # sessions on the old span are refused from now on
+        span = await self._load(new_start, new_start + length)
+        s.span, s.adapters, s.budget = span, self._adapters(span), CacheBudget(self.config.cache_tokens)
+        s.state = "online"
+        self.moves += 1
+        await self._announce_current()
+        logger.info("now serving blocks %d:%d", span.start, span.end)
 
     async def _drain(self) -> None:
         """Announce offline, refuse new sessions and steps, let in-flight computation finish."""
@@ -149,7 +234,7 @@ class Server:
         with contextlib.suppress(Exception):
             await self._announce_current()
         if self.state.in_flight:
-            with contextlib.suppress(asyncio.TimeoutError):
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.state.idle.wait(), timeout=self.config.drain_timeout)
 
     # --- announcements -----------------------------------------------------------------------------
@@ -165,11 +250,9 @@ class Server:
     async def _announce_current(self) -> None:
         assert self.state is not None
         s = self.state
-        await self._announce(s.state, s.span.start, s.span.end, cache_left=s.budget.left, dtype=s.dtype)
+        await self._announce(s.state, s.span.start, s.span.end, cache_left=s.budget.left)
 
-    async def _announce(
-        self, state: str, start: int, end: int, *, cache_left: int, dtype: torch.dtype
-    ) -> None:
+    async def _announce(self, state: str, start: int, end: int, *, cache_left: int) -> None:
         assert self.node is not None
         tp = self._throughput
         record = ServerRecord(
@@ -180,22 +263,23 @@ class Server:
             inference_rps=tp.get("inference_rps", 0.0),
             forward_rps=tp.get("forward_rps", 0.0),
             network_rps=tp.get("network_rps", 0.0),
-            cache_tokens_left=cache_left,
+            cache_tokens_left=max(0, cache_left),
             max_inference_length=self.config.max_inference_length,
-            dtype=str(dtype).removeprefix("torch."),
+            dtype=str(self.dtype).removeprefix("torch."),
             version=_version(),
             public_name=self.config.public_name,
             adapters=tuple(self.state.adapters) if self.state is not None else (),
+            announced_at=SwarmNode.now(),
         )
         value = record_to_dht(record)
-        # An offline record lives briefly: enough for clients to notice, then the keys clean themselves up.
+        # An offline record lives briefly: enough for clients and placement to notice, then it expires.
         ttl = self.config.expiration if state != "offline" else min(self.config.expiration, 30.0)
         ok = await self.node.store_many(
             [(block_key(self.model_prefix, b), self.node.peer_id, value) for b in range(start, end)],
             expiration_time=SwarmNode.now() + ttl,
         )
         if not ok:
-            logger.warning("some DHT records of blocks %d:%d were not stored", start, end)
+            logger.debug("some DHT records of blocks %d:%d were not stored on every replica", start, end)
 
 
 def _version() -> str:
@@ -206,7 +290,6 @@ def _version() -> str:
 
 def run_server(config: ServerConfig) -> int:
     """Blocking entry point for ``potluck serve``."""
-    t0 = time.monotonic()
     try:
         aio.run(Server(config).run())
     except KeyboardInterrupt:
@@ -215,5 +298,4 @@ def run_server(config: ServerConfig) -> int:
         logger.error("server failed: %s", e)
         print(f"error: {e}", file=sys.stderr)
         return 1
-    logger.debug("server ran %.1fs", time.monotonic() - t0)
     return 0

@@ -288,6 +288,17 @@ def settle(
     return moves
 
 
+def _hole_distance(layout: Layout) -> int:
+    """Sum over uncovered blocks of the distance to the nearest block held by two or more servers."""
+    count = np.zeros(layout.num_blocks, dtype=np.int64)
+    for i in layout.active_indices():
+        count[layout.starts[i] : layout.starts[i] + layout.lengths[i]] += 1
+    holes, spare = np.flatnonzero(count == 0), np.flatnonzero(count >= 2)
+    if holes.size == 0 or spare.size == 0:
+        return 0
+    return int(np.abs(holes[:, None] - spare[None, :]).min(axis=1).sum())
+
+
 def should_move_in(
     layout: Layout,
     index: int,
@@ -308,6 +319,26 @@ def should_move_in(
         return None
     s, n, u = layout.starts[index], layout.lengths[index], layout.units[index]
     totals = layout.totals
+    uncovered = int(np.count_nonzero(totals <= 0))
+    if uncovered > 0:
+        # Repairing a hole: move if fewer blocks stay uncovered, even when that opens a smaller hole behind me. A
+        # chain of such moves closes holes that no single server can fill without leaving one (e.g. 4 servers of
+        # 2 blocks over 8 blocks must tile exactly). Each move strictly shrinks the hole count, so this ends.
+        # No stay bias here: it would make my own window look weaker than a real hole. Counting holes decides.
+        without_me = layout.totals.copy()
+        without_me[s : s + n] -= u
+        best = _best_window(without_me, n)
+        if best == s:
+            return None
+        trial = layout.copy()
+        trial.move(index, best)
+        if trial.uncovered_blocks() < uncovered:
+            return best
+        # The same count: worth it if the hole moved closer to spare capacity (blocks held twice), so the next
+        # server's check can continue the chain. The summed distance strictly shrinks, so this cannot cycle.
+        if trial.uncovered_blocks() == uncovered and _hole_distance(trial) < _hole_distance(layout):
+            return best
+        return None
     if u > 0 and bool(np.any(totals[s : s + n] <= u)):
         return None  # I alone hold some block of my span: leaving would open a gap
     best = layout.rechoose(index, eps)

@@ -90,6 +90,9 @@ class ServerRecord(BaseModel):
         tuple[Annotated[str, Field(strict=True, min_length=1, max_length=MAX_ADAPTER_CHARS)], ...],
         Field(max_length=MAX_ADAPTERS),
     ] = ()  # LoRA adapters the server can apply per request
+    announced_at: _Rate = (
+        0.0  # DHT time of this announcement: among a peer's records the newest wins (0 = unknown)
+    )
     next_pings: Annotated[dict[_PeerKey, _Rate], Field(max_length=MAX_NEXT_PINGS)] = {}
     # ^ RTT in seconds from this server to peers holding the block right after its span (for server-to-server
     #   push); unused by relay routing but announced so a future router can use it.
@@ -216,6 +219,9 @@ def _pick_record(found: Mapping[int, ServerRecord]) -> ServerRecord | None:
         by_key.setdefault(key, (rec, []))[1].append(block)
     if not by_key:
         return None
+    newest = max(rec.announced_at for rec, _ in by_key.values())
+    if newest > 0:  # timestamped records (servers that move announce them): the latest announcement wins
+        by_key = {k: v for k, v in by_key.items() if v[0].announced_at == newest}
     if len(by_key) == 1:
         return next(iter(by_key.values()))[0]
 
