@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import peft  # the oracle: tests compare our LoRA against PEFT
 import pytest
 import torch
 
@@ -19,8 +20,6 @@ from potluck.models import (
     save_peft_adapter,
 )
 from potluck.models.lora import PeftFormatError
-
-peft = pytest.importorskip("peft")
 
 KINDS = ("llama-gqa-llama3rope", "bloom")
 RANK, ALPHA = 4, 8.0
