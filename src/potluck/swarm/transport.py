@@ -11,6 +11,7 @@ process with a second p2pd, which doubles memory and makes shutdown harder to ge
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -22,6 +23,8 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.utils import get_dht_time
 
 logger = logging.getLogger(__name__)
+
+STREAM_LINGER_SECONDS = 10.0  # after its last reply, a server waits this long for the client to hang up
 
 StreamHandler = Callable[[str, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -153,6 +156,7 @@ class SwarmNode:
         async def _on_stream(info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             try:
                 await handler(info.peer_id.to_base58(), reader, writer)
+                await _linger(reader, STREAM_LINGER_SECONDS)
             except Exception:
                 logger.exception("stream handler %s failed", protocol)
             finally:
@@ -186,3 +190,15 @@ class SwarmNode:
         except Exception as e:
             logger.warning("p2pd shutdown: %s", e)
         logger.debug("node %s shut down in %.2fs", self.peer_id, time.monotonic() - t0)
+
+
+async def _linger(reader: asyncio.StreamReader, timeout: float) -> None:
+    """Wait for the peer to close its side before we close ours.
+
+    Closing right after the last reply can make the daemon reset the stream while that reply is still in flight,
+    and the peer then sees a dropped stream instead of the answer. Whatever the peer still sends is discarded.
+    """
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(timeout):
+            while await reader.read(1 << 16):
+                pass
