@@ -21,7 +21,13 @@ import torch
 from potluck.models import BlockSpan, KVCache, LoraWeights
 from potluck.server.cache_budget import CacheBudget, CacheFullError
 from potluck.server.config import ServerConfig
-from potluck.server.runtime import PRIORITY_BACKWARD, PRIORITY_FORWARD, PRIORITY_INFERENCE, Runtime
+from potluck.server.runtime import (
+    PRIORITY_BACKWARD,
+    PRIORITY_FORWARD,
+    PRIORITY_INFERENCE,
+    Runtime,
+    threads_for,
+)
 from potluck.server.tuning import TuningError, TuningInputs, unpack_tuning
 from potluck.wire import (
     BackwardRequest,
@@ -316,6 +322,7 @@ class Handlers:
         hypo_ids: torch.Tensor | None,
     ) -> torch.Tensor:
         """On the compute thread: roll back / reorder the cache if asked, then run the new tokens."""
+        torch.set_num_threads(threads_for(hidden.shape[0] * hidden.shape[1]))
         with torch.inference_mode():
             if position < cache.length:
                 cache.rollback(position)
@@ -342,6 +349,7 @@ class Handlers:
         tuning = self._tuning(span, msg.tuning, tensors[1:], batch=hidden.shape[0], tokens=hidden.shape[1])
 
         def run() -> torch.Tensor:
+            torch.set_num_threads(threads_for(hidden.shape[0] * hidden.shape[1]))
             with torch.inference_mode():
                 x = hidden.to(device=self.s.device, dtype=self.s.dtype)  # [B, T, H]
                 out = span(x, prompts=tuning.prompts, lora=tuning.lora)  # [B, T, H]
@@ -367,6 +375,7 @@ class Handlers:
         tuning = self._tuning(span, msg.tuning, tensors[2:], batch=hidden.shape[0], tokens=hidden.shape[1])
 
         def run() -> list[torch.Tensor]:
+            torch.set_num_threads(threads_for(hidden.shape[0] * hidden.shape[1]))
             # Servers keep no activations between calls: backward recomputes the span's forward with autograd.
             with torch.enable_grad():
                 x = hidden.to(device=self.s.device, dtype=self.s.dtype).requires_grad_(True)  # [B, T, H]

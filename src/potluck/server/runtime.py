@@ -15,6 +15,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import torch
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -24,6 +26,17 @@ PRIORITY_FORWARD = 10  # training forward / prefill-sized work
 PRIORITY_BACKWARD = 10
 
 _STOP = object()
+
+# Decode steps are memory-bound: one thread streams the weights as fast as all of them do here, and a single
+# thread never waits at an OpenMP barrier for a sibling the OS descheduled (other processes share the cores).
+SMALL_STEP_TOKENS = 8  # batch * tokens at or below which a step runs on one thread
+
+
+def threads_for(tokens: int) -> int:
+    return 1 if tokens <= SMALL_STEP_TOKENS else _DEFAULT_THREADS
+
+
+_DEFAULT_THREADS = torch.get_num_threads()
 
 
 class Runtime:

@@ -179,6 +179,7 @@ class Server:
             token=cfg.token,
         )
         span.requires_grad_(False)
+        await asyncio.to_thread(_warm_up, span)
         return span
 
     def _adapters(self, span: BlockSpan) -> dict:  # type: ignore[type-arg]
@@ -280,6 +281,13 @@ class Server:
         )
         if not ok:
             logger.debug("some DHT records of blocks %d:%d were not stored on every replica", start, end)
+
+
+def _warm_up(span: BlockSpan) -> None:
+    """One tiny forward: touches every weight page and allocates kernels' buffers before the first client."""
+    param = next(span.parameters())
+    with torch.inference_mode():
+        span(torch.zeros(1, 2, int(span.spec.hidden_size), dtype=param.dtype, device=param.device))
 
 
 def _version() -> str:
