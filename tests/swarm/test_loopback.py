@@ -266,3 +266,44 @@ def test_server_survives_bad_requests(swarm: dict[str, Any]) -> None:
             _prompt(5), max_new_tokens=8, do_sample=False, eos_token_id=None
         )
         assert torch.equal(model.generate(_prompt(5), max_new_tokens=8, eos_token_id=None), expected)
+
+
+def test_direct_data_path_is_used_checked_and_optional(swarm: dict[str, Any]) -> None:
+    """Servers announce a plain-TCP path; clients use it, refuse a wrong peer, and fall back to libp2p."""
+    import socket
+
+    from potluck.swarm.direct import DirectConnectError, open_direct
+
+    kind = KINDS[0]
+    expected = _hf(swarm["paths"][kind]).generate(
+        _prompt(8), max_new_tokens=6, do_sample=False, eos_token_id=None
+    )
+    for use_direct in (True, False):
+        with _client(swarm, kind, use_direct=use_direct) as model:
+            records = [s.record for s in model.view.snapshot.servers.values()]
+            assert records and all(r.direct_addrs for r in records)
+            with model.inference_session(max_length=32) as session:
+                out = model.generate(_prompt(8), max_new_tokens=6, eos_token_id=None)
+                sockets = [h.writer.get_extra_info("socket") for h in session.remote.hops]
+            assert torch.equal(out, expected)
+            # A direct connection is a TCP socket to the server; a libp2p stream is a Unix socket to our p2pd.
+            families = {s.family for s in sockets}
+            assert families == ({socket.AF_INET} if use_direct else {socket.AF_UNIX})
+
+    server = next(p for p in swarm["swarm"].processes if p.name == f"{kind}-a")
+    with _client(swarm, kind) as model:
+        addr = model.view.snapshot.servers[server.peer_id].record.direct_addrs[0]
+    other = next(p for p in swarm["swarm"].processes if p.name == f"{kind}-b")
+
+    async def probe() -> None:
+        with pytest.raises(DirectConnectError, match="not"):
+            await open_direct(addr, "potluck.info", other.peer_id, timeout=5)  # a stale address is refused
+        host, _, port = addr.rpartition(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"garbage that is not a hello" * 10)
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), timeout=15) == b""  # dropped, nothing else happens
+        writer.close()
+
+    asyncio.run(probe())
+    assert server.alive()

@@ -78,6 +78,7 @@ def serve(args: argparse.Namespace) -> int:
         expiration=max(2 * args.update_period, 3.0),
         throughput=args.throughput,
         bandwidth_mbps=args.bandwidth_mbps,
+        direct_port=None if args.no_direct else args.direct_port,
         balance_quality=args.balance_quality,
         balance_check_period=args.balance_check_period,
         start_delay_max=args.start_delay_max,

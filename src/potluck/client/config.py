@@ -28,6 +28,7 @@ class ClientConfig:
     allowed_servers: tuple[str, ...] = ()  # if set, route only through these peer ids
     blocked_servers: tuple[str, ...] = ()  # never route through these peer ids
     show_route: bool = False  # log each route chosen
+    use_direct: bool = True  # use a server's plain-TCP data path when it announces one (else libp2p only)
     tuning_mode: str | None = (
         None  # None | "ptune" (trainable soft prompt) | "deep_ptune" (+ a prompt per block)
     )

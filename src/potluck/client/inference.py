@@ -149,7 +149,7 @@ class RemoteInferenceSession:
         cfg = self.view.config
         t0 = time.perf_counter()
         try:
-            reader, writer = await self.view.node.open_stream(
+            reader, writer = await self.view.open_stream(
                 hop.peer_id, PROTOCOL_INFERENCE, timeout=cfg.connect_timeout
             )
             tuning, tuning_tensors = self.tuning.for_hop(hop)

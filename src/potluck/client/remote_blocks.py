@@ -58,9 +58,7 @@ class RemoteBlocks:
         protocol = PROTOCOL_FORWARD if isinstance(request, ForwardRequest) else PROTOCOL_BACKWARD
         expected = ForwardResult if isinstance(request, ForwardRequest) else BackwardResult
         try:
-            reader, writer = await self.view.node.open_stream(
-                hop.peer_id, protocol, timeout=cfg.connect_timeout
-            )
+            reader, writer = await self.view.open_stream(hop.peer_id, protocol, timeout=cfg.connect_timeout)
             try:
                 await asyncio.wait_for(
                     write_message(writer, request, tensors, cfg.compression), cfg.request_timeout

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 from potluck.client.config import ClientConfig
+from potluck.swarm.direct import DirectConnectError, open_direct
 from potluck.swarm.directory import fetch_snapshot
 from potluck.swarm.records import SwarmSnapshot
 from potluck.swarm.routing import MissingBlocksError, RouteHop, find_forward_route, find_inference_route
@@ -19,6 +20,8 @@ from potluck.swarm.transport import NodeOptions, SwarmNode
 
 logger = logging.getLogger(__name__)
 
+DIRECT_CONNECT_TIMEOUT = 2.0  # a direct path that does not connect this fast is not worth it
+DIRECT_RETRY_AFTER = 60.0  # after a direct path failed, use libp2p for this long before trying it again
 RTT_SMOOTHING = 0.3  # weight of a new RTT sample in the moving average
 
 
@@ -42,6 +45,7 @@ class SwarmView:
         self._refreshed_at = -math.inf
         self._refresh_lock = asyncio.Lock()
         self._updater: asyncio.Task[None] | None = None
+        self._direct_failed: dict[str, float] = {}  # peer -> when its direct path last failed
 
     @classmethod
     async def create(cls, config: ClientConfig, model_prefix: str, num_blocks: int) -> SwarmView:
@@ -115,6 +119,26 @@ class SwarmView:
         if self.config.allowed_servers:
             out.update(p for p in self.snapshot.servers if p not in self.config.allowed_servers)
         return out
+
+    # --- streams ---------------------------------------------------------------------------------------
+
+    async def open_stream(
+        self, peer_id: str, protocol: str, *, timeout: float
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A byte stream to ``peer_id``: its direct TCP path when announced and reachable, else libp2p."""
+        server = self.snapshot.servers.get(peer_id)  # type: ignore[call-overload]
+        addrs = server.record.direct_addrs if server is not None and self.config.use_direct else ()
+        if addrs and self._direct_failed.get(peer_id, -math.inf) < time.monotonic() - DIRECT_RETRY_AFTER:
+            for addr in addrs:
+                try:
+                    return await open_direct(
+                        addr, protocol, peer_id, timeout=min(timeout, DIRECT_CONNECT_TIMEOUT)
+                    )
+                except DirectConnectError as e:
+                    logger.debug("%s", e)
+            self._direct_failed[peer_id] = time.monotonic()
+            logger.info("server %s: direct path unreachable, using libp2p", peer_id[-8:])
+        return await self.node.open_stream(peer_id, protocol, timeout=timeout)
 
     # --- routes ----------------------------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ class ServerConfig:
     drain_timeout: float = 10.0  # on SIGTERM, wait this long for in-flight steps before exiting
     throughput: float | None = None  # announced tokens/s per block; None: measure at start
     compression: str = "none"  # default compression of replies when the client does not ask
+    direct_port: int | None = 0  # plain-TCP data path beside libp2p (0: any free port; None: off)
     bandwidth_mbps: float = 100.0  # this server's network bandwidth, for the announced network throughput
     balance_quality: float = 0.75  # move only if the swarm's throughput would grow past 1/this; 0: never move
     balance_check_period: float = 60.0  # check for a better span about this often (randomised +-50%)

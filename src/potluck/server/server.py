@@ -24,10 +24,11 @@ from potluck.server.handlers import (
     ServerState,
 )
 from potluck.server.placement import read_snapshot, size_num_blocks
-from potluck.server.runtime import Runtime
+from potluck.server.runtime import Runtime, threads_for
 from potluck.server.throughput import get_throughput
 from potluck.server.tuning import load_adapters
 from potluck.swarm import aio
+from potluck.swarm.direct import DirectServer
 from potluck.swarm.placement import choose_span_for, should_move
 from potluck.swarm.records import ServerRecord, block_key, model_prefix_for, record_to_dht
 from potluck.swarm.records import ServerState as RecordState
@@ -60,6 +61,7 @@ class Server:
         self.dtype = resolve_dtype(config.dtype, config.device)
         self.num_model_blocks = 0
         self.moves = 0
+        self._direct_addrs: tuple[str, ...] = ()
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -89,6 +91,7 @@ class Server:
         self.node = await SwarmNode.create(cfg.node)
         runtime = Runtime()
         tasks: list[asyncio.Task[None]] = []
+        direct: DirectServer | None = None
         try:
             if cfg.blocks is None:
                 start = await self._choose_start(length)
@@ -102,6 +105,7 @@ class Server:
                 limits=DEFAULT_LIMITS,
                 adapters=self._adapters(span),
             )
+            await runtime.run(0, lambda: _warm_up(span))
             model_key = f"{cfg.model}@{cfg.revision or 'main'}"
             self._throughput = await runtime.run(
                 0,
@@ -110,19 +114,25 @@ class Server:
                 ),
             )
             handlers = Handlers(self.state)
-            for protocol, handler in (
-                (PROTOCOL_INFO, handlers.info),
-                (PROTOCOL_INFERENCE, handlers.inference),
-                (PROTOCOL_FORWARD, handlers.forward),
-                (PROTOCOL_BACKWARD, handlers.backward),
-            ):
+            routes = {
+                PROTOCOL_INFO: handlers.info,
+                PROTOCOL_INFERENCE: handlers.inference,
+                PROTOCOL_FORWARD: handlers.forward,
+                PROTOCOL_BACKWARD: handlers.backward,
+            }
+            for protocol, handler in routes.items():
                 await self.node.add_stream_handler(protocol, handler)
+            maddrs = await self.node.visible_maddrs()
+            if cfg.direct_port is not None:
+                direct = DirectServer(self.node.peer_id, routes)
+                port = await direct.start(cfg.node.host, cfg.direct_port)
+                self._direct_addrs = direct_addrs(cfg.node.host, port, maddrs)
+                logger.info("direct data path on %s", ", ".join(self._direct_addrs))
             self.state.state = "online"
             await self._announce_current()
             tasks.append(asyncio.create_task(self._announce_loop()))
             if cfg.blocks is None and cfg.balance_quality > 0:
                 tasks.append(asyncio.create_task(self._balance_loop()))
-            maddrs = await self.node.visible_maddrs()
             logger.info(
                 "online: peer %s serving blocks %d:%d of %s (%.1f tokens/s per block)",
                 self.node.peer_id, span.start, span.end, self.model_prefix, self._throughput["throughput"],
@@ -138,6 +148,8 @@ class Server:
             await self._stop.wait()
             await self._drain()
         finally:
+            if direct is not None:
+                await direct.close()
             for task in tasks:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -179,7 +191,6 @@ class Server:
             token=cfg.token,
         )
         span.requires_grad_(False)
-        await asyncio.to_thread(_warm_up, span)
         return span
 
     def _adapters(self, span: BlockSpan) -> dict:  # type: ignore[type-arg]
@@ -221,6 +232,7 @@ class Server:
                 await asyncio.wait_for(s.idle.wait(), timeout=self.config.drain_timeout)
         s.generation += 1  # sessions on the old span are refused from now on
         span = await self._load(new_start, new_start + length)
+        await s.runtime.run(0, lambda: _warm_up(span))
         s.span, s.adapters, s.budget = span, self._adapters(span), CacheBudget(self.config.cache_tokens)
         s.state = "online"
         self.moves += 1
@@ -270,6 +282,7 @@ class Server:
             version=_version(),
             public_name=self.config.public_name,
             adapters=tuple(self.state.adapters) if self.state is not None else (),
+            direct_addrs=self._direct_addrs,
             announced_at=SwarmNode.now(),
         )
         value = record_to_dht(record)
@@ -283,11 +296,28 @@ class Server:
             logger.debug("some DHT records of blocks %d:%d were not stored on every replica", start, end)
 
 
+def direct_addrs(host: str, port: int, maddrs: list[str]) -> tuple[str, ...]:
+    """Where clients can reach the direct path: the listen host, or the daemon's visible IPv4s for 0.0.0.0."""
+    if host not in ("0.0.0.0", ""):
+        return (f"{host}:{port}",)
+    ips = []
+    for maddr in maddrs:
+        parts = maddr.split("/")
+        if len(parts) > 2 and parts[1] == "ip4" and parts[2] not in ips and parts[2] != "0.0.0.0":
+            ips.append(parts[2])
+    return tuple(f"{ip}:{port}" for ip in ips[:4])
+
+
 def _warm_up(span: BlockSpan) -> None:
-    """One tiny forward: touches every weight page and allocates kernels' buffers before the first client."""
+    """On the compute thread, before the first client: touch every weight page, start the thread pool, and run a
+    prefill-sized and a decode-sized step so one-time allocations are not charged to a user's first request."""
     param = next(span.parameters())
+    hidden = int(span.spec.hidden_size)
     with torch.inference_mode():
-        span(torch.zeros(1, 2, int(span.spec.hidden_size), dtype=param.dtype, device=param.device))
+        for tokens in (64, 1):
+            torch.set_num_threads(threads_for(tokens))
+            cache = span.new_cache(1, 65)
+            span(torch.zeros(1, tokens, hidden, dtype=param.dtype, device=param.device), cache=cache)
 
 
 def _version() -> str:

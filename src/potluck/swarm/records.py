@@ -90,6 +90,10 @@ class ServerRecord(BaseModel):
         tuple[Annotated[str, Field(strict=True, min_length=1, max_length=MAX_ADAPTER_CHARS)], ...],
         Field(max_length=MAX_ADAPTERS),
     ] = ()  # LoRA adapters the server can apply per request
+    direct_addrs: Annotated[
+        tuple[Annotated[str, Field(strict=True, pattern=r"^[A-Za-z0-9.\-\[\]:]{1,80}:[0-9]{1,5}$")], ...],
+        Field(max_length=4),
+    ] = ()  # "host:port" of the server's plain-TCP data path, if it has one (see swarm/direct.py)
     announced_at: _Rate = (
         0.0  # DHT time of this announcement: among a peer's records the newest wins (0 = unknown)
     )

@@ -156,7 +156,7 @@ class SwarmNode:
         async def _on_stream(info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             try:
                 await handler(info.peer_id.to_base58(), reader, writer)
-                await _linger(reader, STREAM_LINGER_SECONDS)
+                await linger(reader, STREAM_LINGER_SECONDS)
             except Exception:
                 logger.exception("stream handler %s failed", protocol)
             finally:
@@ -192,7 +192,7 @@ class SwarmNode:
         logger.debug("node %s shut down in %.2fs", self.peer_id, time.monotonic() - t0)
 
 
-async def _linger(reader: asyncio.StreamReader, timeout: float) -> None:
+async def linger(reader: asyncio.StreamReader, timeout: float) -> None:
     """Wait for the peer to close its side before we close ours.
 
     Closing right after the last reply can make the daemon reset the stream while that reply is still in flight,
