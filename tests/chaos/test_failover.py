@@ -217,9 +217,9 @@ def test_server_killed_between_forward_and_backward(swarm, model_path) -> None: 
         used: list[str] = []
         forward_hop = model.blocks.forward_hop
 
-        async def recording_forward_hop(hop: Any, hidden: torch.Tensor, tuning: Any) -> torch.Tensor:
+        async def recording_forward_hop(hop: Any, hidden: torch.Tensor, tuning: Any, **kw: Any) -> Any:
             used.append(hop.peer_id)
-            return await forward_hop(hop, hidden, tuning)
+            return await forward_hop(hop, hidden, tuning, **kw)
 
         model.blocks.forward_hop = recording_forward_hop  # type: ignore[method-assign]
         loss = model(input_ids=ids, labels=ids).loss

@@ -307,3 +307,47 @@ def test_direct_data_path_is_used_checked_and_optional(swarm: dict[str, Any]) ->
 
     asyncio.run(probe())
     assert server.alive()
+
+
+def test_backward_uses_the_graph_kept_by_forward(swarm: dict[str, Any]) -> None:
+    """With keep_activations, backward runs on the forward's graph (it ignores the resent hidden states);
+    an unknown id falls back to recomputing from those hidden states."""
+    from potluck.server.handlers import PROTOCOL_BACKWARD, PROTOCOL_FORWARD
+    from potluck.swarm.records import model_prefix_for
+    from potluck.swarm.transport import NodeOptions, SwarmNode
+    from potluck.wire import BackwardRequest, ForwardRequest, read_message, write_message
+
+    kind = KINDS[0]
+    prefix = model_prefix_for(swarm["paths"][kind])
+    server = next(p for p in swarm["swarm"].processes if p.name == f"{kind}-a")
+    hidden = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(1))
+    grad_out = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(2))
+
+    async def call(node: SwarmNode, protocol: str, msg: Any, tensors: list[torch.Tensor]) -> Any:
+        reader, writer = await node.open_stream(server.peer_id, protocol)
+        await write_message(writer, msg, tensors)
+        reply = await read_message(reader, timeout=30)
+        writer.close()
+        return reply
+
+    async def scenario() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        node = await SwarmNode.create(
+            NodeOptions(initial_peers=tuple(swarm["peers"]), host="127.0.0.1", client_mode=True)
+        )
+        try:
+            fwd = ForwardRequest(model=prefix, start=0, end=SPLIT, keep_activations=True)
+            result, _ = await call(node, PROTOCOL_FORWARD, fwd, [hidden])
+            assert result.activation_id
+            bwd = BackwardRequest(model=prefix, start=0, end=SPLIT, activation_id=result.activation_id)
+            _, (kept_grad,) = await call(node, PROTOCOL_BACKWARD, bwd, [torch.zeros_like(hidden), grad_out])
+            _, (true_grad,) = await call(
+                node, PROTOCOL_BACKWARD, bwd, [hidden, grad_out]
+            )  # id used up: recompute
+            _, (zero_grad,) = await call(node, PROTOCOL_BACKWARD, bwd, [torch.zeros_like(hidden), grad_out])
+            return kept_grad, true_grad, zero_grad
+        finally:
+            await node.shutdown()
+
+    kept_grad, true_grad, zero_grad = asyncio.run(scenario())
+    torch.testing.assert_close(kept_grad, true_grad, atol=1e-5, rtol=0)
+    assert not torch.allclose(zero_grad, true_grad, atol=1e-3)

@@ -73,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--throughput", type=float, default=None, help="announced tokens/s per block (default: measure)"
     )
     p.add_argument("--adapters", nargs="*", default=[], metavar="DIR", help="PEFT LoRA adapters to preload")
-    p.add_argument("--direct-port", type=int, default=0, help="port of the plain-TCP data path (0: any free port)")
+    p.add_argument(
+        "--direct-port", type=int, default=0, help="port of the plain-TCP data path (0: any free port)"
+    )
     p.add_argument(
         "--no-direct", action="store_true", help="serve over libp2p only (encrypted; slower on busy hosts)"
     )

@@ -40,11 +40,20 @@ MAX_TOKENS_PER_CHUNK = 1024  # batch rows are grouped into chunks of at most thi
 
 
 @dataclass
+class HopTrace:
+    """One hop of a forward: the input it was given and the id of the graph the server kept (if any)."""
+
+    hop: RouteHop
+    input: torch.Tensor  # [B, T, H]
+    activation_id: str | None = None
+
+
+@dataclass
 class ChunkTrace:
-    """The hops one chunk of the batch went through, each with the input it was given."""
+    """The hops one chunk of the batch went through."""
 
     rows: slice
-    hops: list[tuple[RouteHop, torch.Tensor]]
+    hops: list[HopTrace]
 
 
 class RemoteBlocks:
@@ -53,7 +62,9 @@ class RemoteBlocks:
     def __init__(self, view: SwarmView):
         self.view = view
 
-    async def _call(self, hop: RouteHop, request: Any, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    async def _call(
+        self, hop: RouteHop, request: Any, tensors: list[torch.Tensor]
+    ) -> tuple[Any, list[torch.Tensor]]:
         cfg = self.view.config
         protocol = PROTOCOL_FORWARD if isinstance(request, ForwardRequest) else PROTOCOL_BACKWARD
         expected = ForwardResult if isinstance(request, ForwardRequest) else BackwardResult
@@ -79,9 +90,12 @@ class RemoteBlocks:
         if not isinstance(msg, expected):
             raise ServerFailure(hop.peer_id, f"unexpected reply {getattr(msg, 'kind', msg)!r}")
         self.view.clear_ban(hop.peer_id)
-        return out
+        return msg, out
 
-    async def forward_hop(self, hop: RouteHop, hidden: torch.Tensor, tuning: TuningPayload) -> torch.Tensor:
+    async def forward_hop(
+        self, hop: RouteHop, hidden: torch.Tensor, tuning: TuningPayload, *, keep: bool = False
+    ) -> tuple[torch.Tensor, str | None]:
+        """The hop's output and, with ``keep``, the id of the autograd graph the server kept for backward."""
         header, extra = tuning.for_hop(hop)
         req = ForwardRequest(
             model=self.view.model_prefix,
@@ -89,12 +103,18 @@ class RemoteBlocks:
             end=hop.end,
             tuning=header,
             output_compression=self.view.config.compression,  # type: ignore[arg-type]
+            keep_activations=keep,
         )
-        (out,) = await self._call(hop, req, [hidden, *extra])
-        return out
+        msg, (out,) = await self._call(hop, req, [hidden, *extra])
+        return out, getattr(msg, "activation_id", None)
 
     async def backward_hop(
-        self, hop: RouteHop, hidden: torch.Tensor, grad_out: torch.Tensor, tuning: TuningPayload
+        self,
+        hop: RouteHop,
+        hidden: torch.Tensor,
+        grad_out: torch.Tensor,
+        tuning: TuningPayload,
+        activation_id: str | None = None,
     ) -> list[torch.Tensor]:
         """[grad_in, *gradients of the hop's slice of the tuning tensors]."""
         header, extra = tuning.for_hop(hop)
@@ -104,8 +124,9 @@ class RemoteBlocks:
             end=hop.end,
             tuning=header,
             output_compression=self.view.config.compression,  # type: ignore[arg-type]
+            activation_id=activation_id,
         )
-        grads = await self._call(hop, req, [hidden, grad_out, *extra])
+        _, grads = await self._call(hop, req, [hidden, grad_out, *extra])
         if len(grads) != 1 + len(extra):
             raise ServerFailure(
                 hop.peer_id, f"backward returned {len(grads)} tensors, expected {1 + len(extra)}"
@@ -115,62 +136,58 @@ class RemoteBlocks:
     # --- one chunk ------------------------------------------------------------------------------------
 
     async def forward_range(
-        self, hidden: torch.Tensor, start: int, end: int, tuning: TuningPayload
-    ) -> tuple[torch.Tensor, list[tuple[RouteHop, torch.Tensor]]]:
-        """Run [start, end) on ``hidden`` [B, T, H]; returns the output and (hop, hop input) pairs."""
-        trace: list[tuple[RouteHop, torch.Tensor]] = []
+        self, hidden: torch.Tensor, start: int, end: int, tuning: TuningPayload, *, keep: bool = False
+    ) -> tuple[torch.Tensor, list[HopTrace]]:
+        """Run [start, end) on ``hidden`` [B, T, H]; returns the output and each hop's trace."""
+        trace: list[HopTrace] = []
         block, x, failures = start, hidden, 0
         while block < end:
             hops = await self.view.route(block, end, batch_tokens=0, inference=False)
             for hop in hops:
                 try:
-                    out = await self.forward_hop(hop, x, tuning)
+                    out, activation_id = await self.forward_hop(hop, x, tuning, keep=keep)
                 except ServerFailure as e:
                     failures += 1
                     self._on_failure(e, failures)
                     break  # re-route from ``block``
-                trace.append((hop, x))
+                trace.append(HopTrace(hop, x, activation_id))
                 x, block = out, hop.end
         return x, trace
 
     async def backward_range(
         self,
-        trace: list[tuple[RouteHop, torch.Tensor]],
+        trace: list[HopTrace],
         grad_out: torch.Tensor,
         tuning: TuningPayload,
         tuning_grads: list[torch.Tensor],
     ) -> torch.Tensor:
         """Gradient w.r.t. the first hop's input; tuning gradients are added into ``tuning_grads``."""
         grad = grad_out
-        for hop, hop_input in reversed(trace):
-            grad = await self._backward_hop_with_failover(hop, hop_input, grad, tuning, tuning_grads)
+        for step in reversed(trace):
+            grad = await self._backward_hop_with_failover(step, grad, tuning, tuning_grads)
         return grad
 
     async def _backward_hop_with_failover(
-        self,
-        hop: RouteHop,
-        hop_input: torch.Tensor,
-        grad_out: torch.Tensor,
-        tuning: TuningPayload,
-        tuning_grads: list[torch.Tensor],
+        self, step: HopTrace, grad_out: torch.Tensor, tuning: TuningPayload, tuning_grads: list[torch.Tensor]
     ) -> torch.Tensor:
         failures = 0
         try:
-            grads = await self.backward_hop(hop, hop_input, grad_out, tuning)
-            tuning.accumulate(tuning_grads, hop, grads[1:])
+            grads = await self.backward_hop(step.hop, step.input, grad_out, tuning, step.activation_id)
+            tuning.accumulate(tuning_grads, step.hop, grads[1:])
             return grads[0]
         except ServerFailure as e:
             failures += 1
             self._on_failure(e, failures)
+        hop = step.hop
         while True:
             # Replacement servers: re-run the failed range's forward to learn their inputs, then backward.
             try:
-                _, sub_trace = await self.forward_range(hop_input, hop.start, hop.end, tuning)
+                _, sub_trace = await self.forward_range(step.input, hop.start, hop.end, tuning, keep=True)
                 partial = [torch.zeros_like(g) for g in tuning_grads]
                 grad = grad_out
-                for sub_hop, sub_input in reversed(sub_trace):
-                    grads = await self.backward_hop(sub_hop, sub_input, grad, tuning)
-                    tuning.accumulate(partial, sub_hop, grads[1:])
+                for sub in reversed(sub_trace):
+                    grads = await self.backward_hop(sub.hop, sub.input, grad, tuning, sub.activation_id)
+                    tuning.accumulate(partial, sub.hop, grads[1:])
                     grad = grads[0]
                 for full, part in zip(tuning_grads, partial, strict=True):
                     full += part
@@ -187,7 +204,7 @@ class RemoteBlocks:
     # --- whole batches, chunked and concurrent ----------------------------------------------------------
 
     async def forward(
-        self, hidden: torch.Tensor, tuning: TuningPayload
+        self, hidden: torch.Tensor, tuning: TuningPayload, *, keep: bool = False
     ) -> tuple[torch.Tensor, list[ChunkTrace]]:
         n = self.view.num_blocks
         rows_per_chunk = max(1, MAX_TOKENS_PER_CHUNK // max(1, hidden.shape[1]))
@@ -195,7 +212,9 @@ class RemoteBlocks:
             slice(i, min(i + rows_per_chunk, hidden.shape[0]))
             for i in range(0, hidden.shape[0], rows_per_chunk)
         ]
-        results = await asyncio.gather(*(self.forward_range(hidden[rows], 0, n, tuning) for rows in chunks))
+        results = await asyncio.gather(
+            *(self.forward_range(hidden[rows], 0, n, tuning, keep=keep) for rows in chunks)
+        )
         out = torch.cat([r[0] for r in results], dim=0)  # [B, T, H]
         return out, [ChunkTrace(rows, r[1]) for rows, r in zip(chunks, results, strict=True)]
 
@@ -229,7 +248,8 @@ class RemoteBlocksFunction(torch.autograd.Function):
         *leaves: Any,
     ) -> torch.Tensor:
         timeout = blocks.view.config.request_timeout * 4
-        out, traces = loop.run(blocks.forward(hidden.detach(), tuning), timeout=timeout)
+        keep = any(ctx.needs_input_grad)  # a backward will follow: servers keep their graphs for it
+        out, traces = loop.run(blocks.forward(hidden.detach(), tuning, keep=keep), timeout=timeout)
         ctx.blocks, ctx.loop, ctx.traces, ctx.tuning, ctx.dtype = blocks, loop, traces, tuning, hidden.dtype
         ctx.leaf_dtypes = [leaf.dtype for leaf in leaves]
         return out.to(hidden.dtype)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from potluck.models import BlockSpan, KVCache, LoraWeights
+from potluck.server.activations import ActivationCache, KeptForward
 from potluck.server.cache_budget import CacheBudget, CacheFullError
 from potluck.server.config import ServerConfig
 from potluck.server.runtime import (
@@ -83,6 +84,9 @@ class ServerState:
     generation: int = 0  # bumped when the server moves to other blocks: older sessions are refused
     sessions: dict[str, float] = field(default_factory=dict)  # session id -> open time
     adapters: dict[str, LoraWeights] = field(default_factory=dict)  # preloaded PEFT adapters by name
+    activations: ActivationCache = field(
+        default_factory=ActivationCache
+    )  # training forwards awaiting backward
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -348,15 +352,22 @@ class Handlers:
         self.s.check_hidden(hidden, "hidden states")
         tuning = self._tuning(span, msg.tuning, tensors[1:], batch=hidden.shape[0], tokens=hidden.shape[1])
 
-        def run() -> torch.Tensor:
+        def run() -> tuple[torch.Tensor, str | None]:
             torch.set_num_threads(threads_for(hidden.shape[0] * hidden.shape[1]))
-            with torch.inference_mode():
-                x = hidden.to(device=self.s.device, dtype=self.s.dtype)  # [B, T, H]
-                out = span(x, prompts=tuning.prompts, lora=tuning.lora)  # [B, T, H]
-                return out.to(device="cpu", dtype=hidden.dtype)
+            if not msg.keep_activations:
+                with torch.inference_mode():
+                    x = hidden.to(device=self.s.device, dtype=self.s.dtype)  # [B, T, H]
+                    out = span(x, prompts=tuning.prompts, lora=tuning.lora)  # [B, T, H]
+                    return out.to(device="cpu", dtype=hidden.dtype), None
+            with torch.enable_grad():  # keep the graph: the backward that follows needs no recomputation
+                x = hidden.to(device=self.s.device, dtype=self.s.dtype).requires_grad_(True)  # [B, T, H]
+                inputs = tuning.requires_grad_()
+                out = span(x, prompts=inputs.prompts, lora=inputs.lora)  # [B, T, H]
+            kept = KeptForward(out, [x, *inputs.leaves()], span.start, span.end, time.monotonic())
+            return out.detach().to(device="cpu", dtype=hidden.dtype), self.s.activations.put(kept)
 
-        out = await self.s.compute(PRIORITY_FORWARD, run)
-        await write_message(writer, ForwardResult(), [out], msg.output_compression)
+        out, activation_id = await self.s.compute(PRIORITY_FORWARD, run)
+        await write_message(writer, ForwardResult(activation_id=activation_id), [out], msg.output_compression)
 
     async def backward(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _guarded(writer, peer, "backward", lambda: self._backward(reader, writer))
@@ -376,15 +387,20 @@ class Handlers:
 
         def run() -> list[torch.Tensor]:
             torch.set_num_threads(threads_for(hidden.shape[0] * hidden.shape[1]))
-            # Servers keep no activations between calls: backward recomputes the span's forward with autograd.
-            with torch.enable_grad():
-                x = hidden.to(device=self.s.device, dtype=self.s.dtype).requires_grad_(True)  # [B, T, H]
-                inputs = tuning.requires_grad_()
-                out = span(x, prompts=inputs.prompts, lora=inputs.lora)  # [B, T, H]
-                leaves = [x, *inputs.leaves()]
-                grads = torch.autograd.grad(
-                    out, leaves, grad_out.to(out.device, out.dtype), allow_unused=True
-                )
+            kept = self.s.activations.pop(msg.activation_id, span.start, span.end)
+            if (
+                kept is not None
+                and kept.output.shape == grad_out.shape
+                and len(kept.leaves) == 1 + len(tuning.leaves())
+            ):
+                out, leaves = kept.output, kept.leaves
+            else:  # nothing kept (or evicted, or another server did the forward): recompute it with autograd
+                with torch.enable_grad():
+                    x = hidden.to(device=self.s.device, dtype=self.s.dtype).requires_grad_(True)  # [B, T, H]
+                    inputs = tuning.requires_grad_()
+                    out = span(x, prompts=inputs.prompts, lora=inputs.lora)  # [B, T, H]
+                    leaves = [x, *inputs.leaves()]
+            grads = torch.autograd.grad(out, leaves, grad_out.to(out.device, out.dtype), allow_unused=True)
             return [
                 (torch.zeros_like(leaf) if g is None else g).to(device="cpu", dtype=hidden.dtype)
                 for g, leaf in zip(grads, leaves, strict=True)

@@ -231,6 +231,7 @@ class Server:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(s.idle.wait(), timeout=self.config.drain_timeout)
         s.generation += 1  # sessions on the old span are refused from now on
+        await s.runtime.run(0, s.activations.clear)
         span = await self._load(new_start, new_start + length)
         await s.runtime.run(0, lambda: _warm_up(span))
         s.span, s.adapters, s.budget = span, self._adapters(span), CacheBudget(self.config.cache_tokens)

@@ -129,10 +129,12 @@ class ForwardRequest(Message):
     end: int
     tuning: Tuning = Tuning()
     output_compression: Compression = "none"
+    keep_activations: bool = False  # keep the autograd graph for a following backward (saves recomputing)
 
 
 class ForwardResult(Message):
     kind: Literal["forward_result"] = "forward_result"
+    activation_id: Annotated[str, Field(max_length=64)] | None = None  # set when activations were kept
 
 
 class BackwardRequest(Message):
@@ -144,6 +146,7 @@ class BackwardRequest(Message):
     end: int
     tuning: Tuning = Tuning()
     output_compression: Compression = "none"
+    activation_id: Annotated[str, Field(max_length=64)] | None = None  # from the forward; else recompute
 
 
 class BackwardResult(Message):
