@@ -19,7 +19,7 @@ from potluck.models import (
     load_peft_adapter,
     save_peft_adapter,
 )
-from potluck.models.lora import PeftFormatError
+from potluck.models.peft_format import PeftFormatError
 
 KINDS = ("llama-gqa-llama3rope", "bloom")
 RANK, ALPHA = 4, 8.0

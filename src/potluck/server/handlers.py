@@ -359,11 +359,8 @@ class Handlers:
                     x = hidden.to(device=self.s.device, dtype=self.s.dtype)  # [B, T, H]
                     out = span(x, prompts=tuning.prompts, lora=tuning.lora)  # [B, T, H]
                     return out.to(device="cpu", dtype=hidden.dtype), None
-            with torch.enable_grad():  # keep the graph: the backward that follows needs no recomputation
-                x = hidden.to(device=self.s.device, dtype=self.s.dtype).requires_grad_(True)  # [B, T, H]
-                inputs = tuning.requires_grad_()
-                out = span(x, prompts=inputs.prompts, lora=inputs.lora)  # [B, T, H]
-            kept = KeptForward(out, [x, *inputs.leaves()], span.start, span.end, time.monotonic())
+            out, leaves = self._forward_with_graph(span, hidden, tuning)  # kept: backward won't recompute
+            kept = KeptForward(out, leaves, span.start, span.end, time.monotonic())
             return out.detach().to(device="cpu", dtype=hidden.dtype), self.s.activations.put(kept)
 
         out, activation_id = await self.s.compute(PRIORITY_FORWARD, run)
@@ -395,11 +392,7 @@ class Handlers:
             ):
                 out, leaves = kept.output, kept.leaves
             else:  # nothing kept (or evicted, or another server did the forward): recompute it with autograd
-                with torch.enable_grad():
-                    x = hidden.to(device=self.s.device, dtype=self.s.dtype).requires_grad_(True)  # [B, T, H]
-                    inputs = tuning.requires_grad_()
-                    out = span(x, prompts=inputs.prompts, lora=inputs.lora)  # [B, T, H]
-                    leaves = [x, *inputs.leaves()]
+                out, leaves = self._forward_with_graph(span, hidden, tuning)
             grads = torch.autograd.grad(out, leaves, grad_out.to(out.device, out.dtype), allow_unused=True)
             return [
                 (torch.zeros_like(leaf) if g is None else g).to(device="cpu", dtype=hidden.dtype)
@@ -408,6 +401,16 @@ class Handlers:
 
         grads = await self.s.compute(PRIORITY_BACKWARD, run)
         await write_message(writer, BackwardResult(), grads, msg.output_compression)
+
+    def _forward_with_graph(
+        self, span: BlockSpan, hidden: torch.Tensor, tuning: TuningInputs
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """On the compute thread: the span's output with its autograd graph, and the leaves to differentiate."""
+        with torch.enable_grad():
+            x = hidden.to(device=self.s.device, dtype=self.s.dtype).requires_grad_(True)  # [B, T, H]
+            inputs = tuning.requires_grad_()
+            out = span(x, prompts=inputs.prompts, lora=inputs.lora)  # [B, T, H]
+        return out, [x, *inputs.leaves()]
 
     def _tuning(
         self, span: BlockSpan, tuning: Tuning, tensors: list[torch.Tensor], *, batch: int, tokens: int
