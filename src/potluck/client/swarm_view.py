@@ -6,6 +6,7 @@ Routing itself is pure (``potluck.swarm.routing``); this class only gathers its 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -71,6 +72,8 @@ class SwarmView:
     async def close(self) -> None:
         if self._updater is not None:
             self._updater.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._updater
         await self.node.shutdown()
 
     # --- snapshot ------------------------------------------------------------------------------------
