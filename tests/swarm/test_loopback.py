@@ -351,3 +351,16 @@ def test_backward_uses_the_graph_kept_by_forward(swarm: dict[str, Any]) -> None:
     kept_grad, true_grad, zero_grad = asyncio.run(scenario())
     torch.testing.assert_close(kept_grad, true_grad, atol=1e-5, rtol=0)
     assert not torch.allclose(zero_grad, true_grad, atol=1e-3)
+
+
+@pytest.mark.parametrize("compression", ["fp16", "bf16", "int8"])
+def test_compressed_activations_stay_close(swarm: dict[str, Any], compression: str) -> None:
+    kind = KINDS[0]
+    ids = _prompt(9, batch=2, length=12)
+    ref = _hf(swarm["paths"][kind])(input_ids=ids).logits
+    with _client(swarm, kind, compression=compression) as model:
+        logits = model(input_ids=ids).logits
+        out = model.generate(ids[:1], max_new_tokens=4, eos_token_id=None)
+    tolerance = {"fp16": 2e-3, "bf16": 3e-2, "int8": 5e-2}[compression]
+    assert (logits - ref).abs().max() < tolerance * ref.abs().max()
+    assert out.shape == (1, 16)

@@ -163,6 +163,20 @@ def _version() -> str:
     return __version__
 
 
+SEND_TIMEOUT = 60.0  # a client that stops reading our reply for this long is dropped
+
+
+async def _send(
+    writer: asyncio.StreamWriter,
+    msg: Message,
+    tensors: list[torch.Tensor] | None = None,
+    compression: str = "none",
+) -> None:
+    """Write one reply; a client that does not take it within SEND_TIMEOUT loses its stream."""
+    async with asyncio.timeout(SEND_TIMEOUT):  # no extra task per reply, unlike wait_for
+        await write_message(writer, msg, tensors or [], compression)
+
+
 async def _reply_error(writer: asyncio.StreamWriter, code: str, message: str, retryable: bool) -> None:
     with contextlib.suppress(Exception):
         await asyncio.wait_for(
@@ -204,7 +218,7 @@ class Handlers:
             msg, _ = await read_message(reader, self.s.limits, timeout=30)
             if not isinstance(msg, InfoRequest):
                 raise BadRequest(f"expected info_request, got {msg.kind}")  # type: ignore[attr-defined]
-            await write_message(writer, self.s.info())
+            await _send(writer, self.s.info())
 
         await _guarded(writer, peer, "info", body)
 
@@ -235,7 +249,7 @@ class Handlers:
                 session_id[:8], peer[-8:], msg.start, msg.end, msg.batch_size, msg.max_length,
             )  # fmt: skip
             try:
-                await write_message(
+                await _send(
                     writer,
                     InferenceOpened(
                         session_id=session_id, start=msg.start, end=msg.end, max_length=msg.max_length
@@ -305,7 +319,7 @@ class Handlers:
                 PRIORITY_INFERENCE,
                 functools.partial(self._run_step, span, cache, tuning, hidden, msg.position, hypo_ids),
             )
-            await write_message(
+            await _send(
                 writer,
                 InferenceStepResult(
                     step_id=msg.step_id,
@@ -364,7 +378,7 @@ class Handlers:
             return out.detach().to(device="cpu", dtype=hidden.dtype), self.s.activations.put(kept)
 
         out, activation_id = await self.s.compute(PRIORITY_FORWARD, run)
-        await write_message(writer, ForwardResult(activation_id=activation_id), [out], msg.output_compression)
+        await _send(writer, ForwardResult(activation_id=activation_id), [out], msg.output_compression)
 
     async def backward(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _guarded(writer, peer, "backward", lambda: self._backward(reader, writer))
@@ -400,7 +414,7 @@ class Handlers:
             ]
 
         grads = await self.s.compute(PRIORITY_BACKWARD, run)
-        await write_message(writer, BackwardResult(), grads, msg.output_compression)
+        await _send(writer, BackwardResult(), grads, msg.output_compression)
 
     def _forward_with_graph(
         self, span: BlockSpan, hidden: torch.Tensor, tuning: TuningInputs
