@@ -22,24 +22,18 @@ class ClientConfig:
     wait_for_servers: float = 60.0  # with no route, wait this long for servers to appear, then raise
     alloc_timeout: float = 30.0  # how long a server may queue our session for KV-cache room
     compression: str = "none"  # compression of hidden states we send and receive: none | fp16 | bf16 | int8
-    max_replay_tokens: int = (
-        4096  # replay history to a replacement server in steps of at most this many tokens
-    )
+    max_replay_tokens: int = 4096  # a replay to a replacement server goes in steps of at most this many
     allowed_servers: tuple[str, ...] = ()  # if set, route only through these peer ids
     blocked_servers: tuple[str, ...] = ()  # never route through these peer ids
     show_route: bool = False  # log each route chosen
     use_direct: bool = True  # use a server's plain-TCP data path when it announces one (else libp2p only)
-    tuning_mode: str | None = (
-        None  # None | "ptune" (trainable soft prompt) | "deep_ptune" (+ a prompt per block)
-    )
+    tuning_mode: str | None = None  # None | "ptune" (soft prompt) | "deep_ptune" (+ a prompt per block)
     pre_seq_len: int = 16  # soft-prompt length for ptune / deep_ptune
     lora_rank: int = 0  # > 0: client-owned LoRA adapters of this rank on the remote blocks
     lora_alpha: float = 16.0  # LoRA scaling numerator (scaling = alpha / rank)
     lora_targets: tuple[str, ...] = ()  # projections to adapt; empty: the family default (q and v)
     active_adapter: str | None = None  # use a PEFT adapter preloaded by the servers (`serve --adapters`)
-    emulated_hop_delay: float = (
-        0.0  # benchmarks only: sleep this long (s) before each send and after each reply
-    )
+    emulated_hop_delay: float = 0.0  # benchmarks only: sleep this long (s) before each send and reply
 
     @classmethod
     def split_kwargs(cls, kwargs: dict[str, Any]) -> tuple[ClientConfig, dict[str, Any]]:

@@ -72,14 +72,12 @@ class ServerRecord(BaseModel):
     start: _Block  # first block of the server's whole span (inclusive)
     end: _Block  # end of the span (exclusive); a server may run any sub-range of [start, end)
     throughput: _Rate  # tokens/s the server contributes to each block of its span; used for load balancing
-    inference_rps: (
-        _Rate  # one-token decode steps per second per block (batch 1, with KV cache); 0 = unmeasured
-    )
+    # one-token decode steps per second per block (batch 1, with KV cache); 0 = unmeasured
+    inference_rps: _Rate
     forward_rps: _Rate  # tokens/s per block for forward / prefill (large batches); 0 = unmeasured
     network_rps: _Rate  # tokens/s of hidden states its network link can carry; 0 = unmeasured
-    cache_tokens_left: (
-        _Count  # free KV-cache room in batch*tokens that a new session over the whole span may take
-    )
+    # free KV-cache room in batch*tokens that a new session over the whole span may take
+    cache_tokens_left: _Count
     max_inference_length: _Count  # largest max_length (tokens) an inference session may ask for
     dtype: Annotated[
         str, Field(strict=True, min_length=1, max_length=MAX_DTYPE_CHARS)
@@ -94,9 +92,7 @@ class ServerRecord(BaseModel):
         tuple[Annotated[str, Field(strict=True, pattern=r"^[A-Za-z0-9.\-\[\]:]{1,80}:[0-9]{1,5}$")], ...],
         Field(max_length=4),
     ] = ()  # "host:port" of the server's plain-TCP data path, if it has one (see swarm/direct.py)
-    announced_at: _Rate = (
-        0.0  # DHT time of this announcement: among a peer's records the newest wins (0 = unknown)
-    )
+    announced_at: _Rate = 0.0  # DHT time of this announcement; a peer's newest record wins (0 = unknown)
     next_pings: Annotated[dict[_PeerKey, _Rate], Field(max_length=MAX_NEXT_PINGS)] = {}
     # ^ RTT in seconds from this server to peers holding the block right after its span (for server-to-server
     #   push); unused by relay routing but announced so a future router can use it.

@@ -76,20 +76,16 @@ class RouteHop:
 class RoutingCosts:
     """Constants of the cost model, in seconds unless noted. Tune per deployment; tests pin their own."""
 
-    default_rtt: float = (
-        0.1  # RTT assumed for peers the client has not measured yet (pessimistic-ish WAN value)
-    )
-    max_rtt: float = (
-        5.0  # measured RTTs are capped here, so an unreachable (inf) peer is avoided but still routable
-    )
-    per_hop_overhead: float = (
-        0.002  # serialization + daemon cost per hop, measured on our stack (Petals: 18 ms)
-    )
+    # RTT assumed for peers the client has not measured yet (pessimistic-ish WAN value)
+    default_rtt: float = 0.1
+    # measured RTTs are capped here, so an unreachable (inf) peer is avoided but still routable
+    max_rtt: float = 5.0
+    # serialization + daemon cost per hop, measured on our stack (Petals: 18 ms)
+    per_hop_overhead: float = 0.002
     default_inference_rps: float = 300.0  # decode steps/s per block for servers announcing 0 (unmeasured)
     default_forward_rps: float = 2000.0  # forward tokens/s per block for servers announcing 0 (unmeasured)
-    cache_penalty: float = (
-        10.0  # added when a server lacks KV-cache room: large, so used only if nothing else fits
-    )
+    # added when a server lacks KV-cache room: large, so used only if nothing else fits
+    cache_penalty: float = 10.0
 
 
 # --- per-hop cost terms -----------------------------------------------------------------------------------------
@@ -102,9 +98,8 @@ def _rtt(peer_id: str, rtts: Mapping[str, float], costs: RoutingCosts) -> float:
     return min(rtt, costs.max_rtt)
 
 
-_MAX_TERM_S = (
-    1e9  # caps any single term (e.g. a near-zero network_rps) so the nanosecond conversion stays finite
-)
+# caps any single term (e.g. a near-zero network_rps) so the nanosecond conversion stays finite
+_MAX_TERM_S = 1e9
 
 
 def _ns(seconds: float) -> int:

@@ -39,9 +39,8 @@ class LoraInfo(Message):
 class Tuning(Message):
     """What a request carries beyond hidden states. Tensor order: hidden, [grad_out], [prompts], [LoRA...]."""
 
-    has_prompts: bool = (
-        False  # deep prompts [n_blocks, B, P, H] added to the first P positions before each block
-    )
+    # deep prompts [n_blocks, B, P, H] added to the first P positions before each block
+    has_prompts: bool = False
     lora: LoraInfo | None = None  # client-owned adapters
     active_adapter: Annotated[str, Field(max_length=128)] | None = None  # a server-preloaded adapter, by name
 
@@ -108,9 +107,8 @@ class InferenceStepResult(Message):
     kind: Literal["inference_step_result"] = "inference_step_result"
     step_id: int
     position: int  # cache length after the step
-    server_ms: float = (
-        0.0  # time from receiving the step to sending this reply (queue + compute), for RTT estimates
-    )
+    # time from receiving the step to sending this reply (queue + compute), for RTT estimates
+    server_ms: float = 0.0
 
 
 class CloseInference(Message):
