@@ -352,9 +352,8 @@ class LoraWeights:
         generator: torch.Generator | None = None,
     ) -> LoraWeights:
         """A and B both ``nn.Linear``-style random (PEFT's ``init_lora_weights=False``), so the adapter is active."""
-        weights = cls.zeros_like_spec(spec, config, start, end, dtype=dtype, device=device)
+        weights = cls.init(spec, config, start, end, dtype=dtype, device=device, generator=generator)
         for target in config.targets:
-            weights.a[target] = _linear_uniform(weights.a[target], generator)
             weights.b[target] = _linear_uniform(weights.b[target], generator)
         return weights
 
