@@ -257,16 +257,10 @@ class RemoteInferenceSession:
                 await asyncio.sleep(cfg.emulated_hop_delay)  # emulated one-way WAN latency (benchmarks)
             sent_at = time.perf_counter()
             try:
-                await asyncio.wait_for(
-                    write_message(
-                        hop.writer,
-                        InferenceStep(step_id=hop.step_id, position=position + offset),
-                        [piece],
-                        cfg.compression,
-                    ),
-                    timeout=cfg.step_timeout,
-                )
-                msg, tensors = await read_message(hop.reader, timeout=cfg.step_timeout)
+                async with asyncio.timeout(cfg.step_timeout):  # one deadline for the round trip, no extra task
+                    step = InferenceStep(step_id=hop.step_id, position=position + offset)
+                    await write_message(hop.writer, step, [piece], cfg.compression)
+                    msg, tensors = await read_message(hop.reader)
             except TimeoutError:
                 raise ServerFailure(
                     hop.peer_id, f"no reply within the step timeout ({cfg.step_timeout}s)"
