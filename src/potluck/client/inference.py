@@ -257,7 +257,8 @@ class RemoteInferenceSession:
                 await asyncio.sleep(cfg.emulated_hop_delay)  # emulated one-way WAN latency (benchmarks)
             sent_at = time.perf_counter()
             try:
-                async with asyncio.timeout(cfg.step_timeout):  # one deadline for the round trip, no extra task
+                # One deadline for the whole round trip (and no extra task per step, unlike wait_for).
+                async with asyncio.timeout(cfg.step_timeout):
                     step = InferenceStep(step_id=hop.step_id, position=position + offset)
                     await write_message(hop.writer, step, [piece], cfg.compression)
                     msg, tensors = await read_message(hop.reader)
