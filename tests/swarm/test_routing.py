@@ -20,33 +20,12 @@ from potluck.swarm.routing import (
     format_route,
     route_cost,
 )
+from swarm_records import rec, snap
 
 # Costs with round numbers so expected routes are easy to reason about.
 COSTS = RoutingCosts(
     default_rtt=0.05, per_hop_overhead=0.002, default_inference_rps=100.0, cache_penalty=10.0
 )
-
-
-def rec(start: int, end: int, **overrides: Any) -> ServerRecord:
-    fields: dict[str, Any] = dict(
-        state=ServerState.online,
-        start=start,
-        end=end,
-        throughput=100.0,
-        inference_rps=100.0,
-        forward_rps=1000.0,
-        network_rps=0.0,
-        cache_tokens_left=100_000,
-        max_inference_length=4096,
-        dtype="bfloat16",
-        version="0.1.0",
-    )
-    fields.update(overrides)
-    return ServerRecord(**fields)
-
-
-def snap(num_blocks: int, **servers: ServerRecord) -> SwarmSnapshot:
-    return SwarmSnapshot.from_records("m", num_blocks, servers, now=0.0)
 
 
 def hops(route: list[RouteHop]) -> list[tuple[str, int, int]]:
