@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from potluck.client.swarm_view import SwarmView, format_route
+from potluck.client.swarm_view import SwarmView
 from potluck.client.tuning import TuningPayload
 from potluck.server.handlers import PROTOCOL_INFERENCE
-from potluck.swarm.routing import RouteHop
+from potluck.swarm.routing import RouteHop, format_route
 from potluck.wire import (
     CloseInference,
     ErrorReply,

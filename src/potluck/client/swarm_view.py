@@ -16,7 +16,13 @@ from potluck.client.config import ClientConfig
 from potluck.swarm.direct import DirectConnectError, open_direct
 from potluck.swarm.directory import fetch_snapshot
 from potluck.swarm.records import SwarmSnapshot
-from potluck.swarm.routing import MissingBlocksError, RouteHop, find_forward_route, find_inference_route
+from potluck.swarm.routing import (
+    MissingBlocksError,
+    RouteHop,
+    find_forward_route,
+    find_inference_route,
+    format_route,
+)
 from potluck.swarm.transport import NodeOptions, SwarmNode
 
 logger = logging.getLogger(__name__)
@@ -177,7 +183,3 @@ class SwarmView:
                 await self.refresh()
             except Exception as e:
                 logger.debug("swarm refresh failed while waiting for servers: %s", e)
-
-
-def format_route(hops: list[RouteHop]) -> str:
-    return " -> ".join(f"{h.peer_id[-8:]}[{h.start}:{h.end}]" for h in hops)

@@ -6,7 +6,6 @@ the hop's blocks) and get their gradients back through ``backward``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -128,8 +127,3 @@ class TuningPayload:
 
 def default_lora_targets(family: str) -> tuple[str, ...]:
     return DEFAULT_LORA_TARGETS.get(family, LORA_TARGETS[family][:1])
-
-
-def lora_param_count(spec: ModelSpec, config: LoraConfig) -> int:
-    shapes = LoraWeights.shapes(spec, config, spec.num_blocks)
-    return sum(math.prod(shape) for pair in shapes.values() for shape in pair)

@@ -10,18 +10,11 @@ import torch
 
 from potluck.models import get_family
 from potluck.models.spec import ModelSpec
-from potluck.swarm.directory import fetch_snapshot
 from potluck.swarm.placement import auto_num_blocks
-from potluck.swarm.records import SwarmSnapshot
-from potluck.swarm.transport import SwarmNode
 
 logger = logging.getLogger(__name__)
 
 MEMORY_FRACTION = 0.8  # of the free memory, the rest is left for activations, the runtime and the OS
-
-
-async def read_snapshot(node: SwarmNode, model_prefix: str, num_blocks: int) -> SwarmSnapshot:
-    return await fetch_snapshot(node, model_prefix, num_blocks)
 
 
 def block_bytes(hf_config: Any, dtype: torch.dtype) -> int:

@@ -23,12 +23,13 @@ from potluck.server.handlers import (
     Handlers,
     ServerState,
 )
-from potluck.server.placement import read_snapshot, size_num_blocks
+from potluck.server.placement import size_num_blocks
 from potluck.server.runtime import Runtime, threads_for
 from potluck.server.throughput import get_throughput
 from potluck.server.tuning import load_adapters
 from potluck.swarm import aio
 from potluck.swarm.direct import DirectServer
+from potluck.swarm.directory import fetch_snapshot
 from potluck.swarm.placement import choose_span_for, should_move
 from potluck.swarm.records import ServerRecord, block_key, model_prefix_for, record_to_dht
 from potluck.swarm.records import ServerState as RecordState
@@ -166,7 +167,7 @@ class Server:
         delay = self._rng.uniform(0, self.config.start_delay_max)
         logger.info("choosing %d blocks after a %.1fs random delay", length, delay)
         await asyncio.sleep(delay)
-        snapshot = await read_snapshot(self.node, self.model_prefix, self.num_model_blocks)
+        snapshot = await fetch_snapshot(self.node, self.model_prefix, self.num_model_blocks)
         start = choose_span_for(snapshot, 1.0, length, exclude_peer=self.node.peer_id)
         logger.info(
             "chose blocks %d:%d (per-block throughput %s)",
@@ -206,7 +207,7 @@ class Server:
         while True:
             await asyncio.sleep(self._rng.uniform(0.5 * period, 1.5 * period))
             try:
-                snapshot = await read_snapshot(self.node, self.model_prefix, self.num_model_blocks)
+                snapshot = await fetch_snapshot(self.node, self.model_prefix, self.num_model_blocks)
                 if self.node.peer_id not in snapshot.servers:
                     continue  # our own records are not visible yet
                 new_start = should_move(
