@@ -16,24 +16,36 @@ if TESTS_DIR not in sys.path:
     sys.path.insert(0, TESTS_DIR)
 
 
-def _p2pd_pids() -> set[int]:
-    out = subprocess.run(["pgrep", "-x", "p2pd"], capture_output=True, text=True).stdout
-    return {int(p) for p in out.split()}
+# Every process this test session starts inherits this marker, so the leak check counts only our own
+# processes (another test run on the same machine may have servers of its own).
+RUN_MARKER = f"POTLUCK_TEST_RUN={os.getpid()}-{time.time_ns()}"
+os.environ["POTLUCK_TEST_RUN"] = RUN_MARKER.split("=", 1)[1]
 
 
-def _potluck_pids() -> set[int]:
-    out = subprocess.run(["pgrep", "-f", "potluck.cli.main"], capture_output=True, text=True).stdout
+def _ours(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return RUN_MARKER.encode() in f.read().split(b"\0")
+    except OSError:  # gone, or not readable: not a leftover of ours
+        return False
+
+
+def _pids(args: list[str]) -> set[int]:
+    out = subprocess.run(["pgrep", *args], capture_output=True, text=True).stdout
     return {int(p) for p in out.split()} - {os.getpid()}
+
+
+def _our_leftovers() -> set[int]:
+    return {pid for pid in _pids(["-x", "p2pd"]) | _pids(["-f", "potluck"]) if _ours(pid)}
 
 
 @pytest.fixture(scope="session", autouse=True)
 def no_leftover_processes() -> Iterator[None]:
     """Every server, bootstrap and p2pd a test starts must be gone when the session ends."""
-    before_p2pd, before_potluck = _p2pd_pids(), _potluck_pids()
     yield
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
-        left = (_p2pd_pids() - before_p2pd) | (_potluck_pids() - before_potluck)
+        left = _our_leftovers()
         if not left:
             return
         time.sleep(0.2)
