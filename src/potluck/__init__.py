@@ -2,9 +2,37 @@
 
 from typing import Any
 
+from potluck.errors import (
+    BadRequestError,
+    DeadlineExceededError,
+    LimitExceededError,
+    MissingBlocksError,
+    ModelMismatchError,
+    PotluckError,
+    RequestError,
+    RetriesExhaustedError,
+    SwarmError,
+    TransportError,
+    UnknownAdapterError,
+)
+
 __version__ = "0.1.0"
 
-__all__ = ["AutoDistributedModelForCausalLM", "__version__"]
+__all__ = [
+    "AutoDistributedModelForCausalLM",
+    "BadRequestError",
+    "DeadlineExceededError",
+    "LimitExceededError",
+    "MissingBlocksError",
+    "ModelMismatchError",
+    "PotluckError",
+    "RequestError",
+    "RetriesExhaustedError",
+    "SwarmError",
+    "TransportError",
+    "UnknownAdapterError",
+    "__version__",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -173,7 +173,6 @@ def test_missing_blocks_is_a_clear_error(swarm: dict[str, Any]) -> None:
 
 def test_server_survives_bad_requests(swarm: dict[str, Any]) -> None:
     """Garbage, wrong shapes, unknown models and impossible positions get an error reply; the server lives on."""
-    from potluck.server.handlers import PROTOCOL_INFERENCE, PROTOCOL_INFO
     from potluck.swarm.records import model_prefix_for
     from potluck.swarm.transport import NodeOptions, SwarmNode
     from potluck.wire import (
@@ -184,6 +183,7 @@ def test_server_survives_bad_requests(swarm: dict[str, Any]) -> None:
         read_message,
         write_message,
     )
+    from potluck.wire.protocols import PROTOCOL_INFERENCE, PROTOCOL_INFO
 
     path = swarm["paths"][KINDS[0]]
     prefix = model_prefix_for(path)
@@ -258,7 +258,7 @@ def test_server_survives_bad_requests(swarm: dict[str, Any]) -> None:
         return codes
 
     codes = asyncio.run(scenario())
-    assert codes[:5] == ["bad_request", "bad_request", "unknown_model", "wrong_span", "bad_request"]
+    assert codes[:5] == ["bad_request", "bad_request", "unknown_model", "wrong_span", "limit_exceeded"]
     assert set(codes[5:]) == {"bad_request"}
     assert server.alive()
     with _client(swarm, KINDS[0]) as model:  # and it still serves correct results
@@ -312,10 +312,10 @@ def test_direct_data_path_is_used_checked_and_optional(swarm: dict[str, Any]) ->
 def test_backward_uses_the_graph_kept_by_forward(swarm: dict[str, Any]) -> None:
     """With keep_activations, backward runs on the forward's graph (it ignores the resent hidden states);
     an unknown id falls back to recomputing from those hidden states."""
-    from potluck.server.handlers import PROTOCOL_BACKWARD, PROTOCOL_FORWARD
     from potluck.swarm.records import model_prefix_for
     from potluck.swarm.transport import NodeOptions, SwarmNode
     from potluck.wire import BackwardRequest, ForwardRequest, read_message, write_message
+    from potluck.wire.protocols import PROTOCOL_BACKWARD, PROTOCOL_FORWARD
 
     kind = KINDS[0]
     prefix = model_prefix_for(swarm["paths"][kind])

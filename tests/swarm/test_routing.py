@@ -9,16 +9,21 @@ from typing import Any
 
 import pytest
 
+from potluck.errors import LimitExceededError, ModelMismatchError, UnknownAdapterError
 from potluck.swarm.records import PeerIdStr, ServerRecord, ServerState, SwarmSnapshot
 from potluck.swarm.routing import (
     MissingBlocksError,
     RouteHop,
+    RouteRequirements,
     RoutingCosts,
+    Unsuitable,
     find_forward_route,
     find_inference_route,
     format_block_ranges,
     format_route,
     route_cost,
+    unservable_blocks_error,
+    unsuitable_reason,
 )
 from swarm_records import rec, snap
 
@@ -112,7 +117,7 @@ def test_banned_peers_avoided() -> None:
     with pytest.raises(MissingBlocksError) as exc:
         route(s, 0, 8, banned=["a", "b"])
     assert exc.value.missing == list(range(8))
-    assert "0-7" in str(exc.value) and "2 online server(s) excluded" in str(exc.value)
+    assert "0-7" in str(exc.value) and "2 online server(s) banned" in str(exc.value)
 
 
 def test_cache_penalty_prefers_a_server_with_room() -> None:
@@ -177,12 +182,64 @@ def test_adapter_and_max_length_filters() -> None:
         short=rec(0, 4, max_inference_length=512),
     )
     assert hops(route(s, 0, 4)) == [("plain", 0, 4)]
-    assert hops(route(s, 0, 4, adapter="org/lora")) == [("lora", 0, 4)]
+    assert hops(route(s, 0, 4, needs=RouteRequirements(adapter="org/lora"))) == [("lora", 0, 4)]
     with pytest.raises(MissingBlocksError):
-        route(s, 0, 4, adapter="org/other")
+        route(s, 0, 4, needs=RouteRequirements(adapter="org/other"))
     s = snap(4, short=rec(0, 4, max_inference_length=512, inference_rps=1000.0), long=rec(0, 4))
     assert hops(route(s, 0, 4)) == [("short", 0, 4)]
-    assert hops(route(s, 0, 4, max_length=2048)) == [("long", 0, 4)]
+    assert hops(route(s, 0, 4, needs=RouteRequirements(max_length=2048))) == [("long", 0, 4)]
+
+
+def test_requirements_filter_each_need_and_forward_routes_too() -> None:
+    """Every requirement leaves out exactly the servers that cannot serve it, on both kinds of route."""
+    s = snap(
+        8,
+        fast=rec(0, 8, inference_rps=1000.0, forward_rps=10_000.0, fingerprint="aa.bb", max_batch_tokens=256),
+        lora=rec(0, 4, adapters=("ad",), fingerprint="aa.bb"),
+        lora2=rec(4, 8, adapters=("ad",)),  # announces no fingerprint (an older server): accepted
+        other=rec(0, 8, fingerprint="aa.cc", inference_rps=5000.0, forward_rps=50_000.0),
+    )
+    assert hops(route(s, 0, 8)) == [("other", 0, 8)]  # nothing required: the fastest
+    needs = RouteRequirements(fingerprint="aa.bb")
+    assert hops(route(s, 0, 8, needs=needs)) == [("fast", 0, 8)]
+    assert hops(find_forward_route(s, 0, 8, rtts={}, needs=needs)) == [("fast", 0, 8)]
+    needs = RouteRequirements(fingerprint="aa.bb", batch_tokens=1024)  # above fast's max_batch_tokens
+    assert hops(find_forward_route(s, 0, 8, rtts={}, needs=needs)) == [("lora", 0, 4), ("lora2", 4, 8)]
+    needs = RouteRequirements(fingerprint="aa.bb", adapter="ad")
+    assert hops(route(s, 0, 8, needs=needs)) == [("lora", 0, 4), ("lora2", 4, 8)]
+    assert unsuitable_reason(s.servers[PeerIdStr("other")], needs) == Unsuitable(
+        "other", 0, 8, "model_mismatch", "server fingerprint aa.cc, client fingerprint aa.bb"
+    )
+    assert unsuitable_reason(s.servers[PeerIdStr("lora")], needs) is None
+
+
+def test_unservable_blocks_become_the_deterministic_error() -> None:
+    """Blocks held only by unsuitable servers are a RequestError at once; unheld blocks stay a wait."""
+    s = snap(8, a=rec(0, 4, fingerprint="11.22"), b=rec(4, 8, fingerprint="11.33", max_inference_length=64))
+    with pytest.raises(MissingBlocksError) as exc:
+        route(s, 0, 8, needs=RouteRequirements(fingerprint="11.22"))
+    assert exc.value.missing == [4, 5, 6, 7] and "cannot serve" in str(exc.value)
+    fatal = unservable_blocks_error(exc.value)
+    assert isinstance(fatal, ModelMismatchError)
+    assert "11.33" in str(fatal) and "11.22" in str(fatal) and "server b" in str(fatal)
+
+    with pytest.raises(MissingBlocksError) as exc:
+        route(s, 0, 8, needs=RouteRequirements(max_length=128))
+    fatal = unservable_blocks_error(exc.value)
+    assert isinstance(fatal, LimitExceededError) and "max_inference_length 64" in str(fatal)
+
+    with pytest.raises(MissingBlocksError) as exc:
+        route(s, 0, 8, needs=RouteRequirements(adapter="x"))
+    assert isinstance(unservable_blocks_error(exc.value), UnknownAdapterError)
+
+    # block 4-7's only holder is banned: nobody usable holds them, so waiting may help (no deterministic error)
+    with pytest.raises(MissingBlocksError) as exc:
+        route(s, 0, 8, banned={"b"}, needs=RouteRequirements(adapter="x"))
+    assert unservable_blocks_error(exc.value) is None
+    # blocks held by nobody at all: no deterministic error either
+    with pytest.raises(MissingBlocksError) as exc:
+        route(snap(8, a=rec(0, 4, adapters=("y",))), 0, 8, needs=RouteRequirements(adapter="x"))
+    assert unservable_blocks_error(exc.value) is None
 
 
 def test_rtt_sanitizing() -> None:

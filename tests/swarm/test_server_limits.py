@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from potluck.cli.local_swarm import LocalSwarm, SwarmProcess
-from potluck.server.handlers import PROTOCOL_INFERENCE, PROTOCOL_INFO
 from potluck.swarm.transport import NodeOptions, SwarmNode
 from potluck.wire import (
     ErrorReply,
@@ -22,6 +21,7 @@ from potluck.wire import (
     read_message,
     write_message,
 )
+from potluck.wire.protocols import PROTOCOL_INFERENCE, PROTOCOL_INFO
 
 pytestmark = pytest.mark.swarm
 

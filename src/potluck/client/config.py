@@ -14,8 +14,11 @@ class ClientConfig:
     startup_timeout: float = 30.0  # seconds to start p2pd and join the DHT
     update_period: float = 30.0  # refresh the swarm view from the DHT this often in the background
     connect_timeout: float = 10.0  # opening a stream to a server and its first reply
-    step_timeout: float = 30.0  # a step unanswered this long marks the server as failed (frozen)
-    request_timeout: float = 300.0  # one forward/backward call
+    # an inference step, or one server's part of a forward/backward, unanswered this long: that server failed
+    step_timeout: float = 30.0
+    # the one deadline of a call (a generation step, opening a session, a forward, a backward), every
+    # failover and wait for servers included; past it the call raises DeadlineExceededError
+    request_timeout: float = 300.0
     max_retries: int = 8  # failovers allowed within one step / call before giving up
     ban_base: float = 5.0  # a failed server is avoided this long, doubled on each repeat failure
     ban_max: float = 300.0  # cap on a ban's length
@@ -33,6 +36,7 @@ class ClientConfig:
     lora_alpha: float = 16.0  # LoRA scaling numerator (scaling = alpha / rank)
     lora_targets: tuple[str, ...] = ()  # projections to adapt; empty: the family default (q and v)
     active_adapter: str | None = None  # use a PEFT adapter preloaded by the servers (`serve --adapters`)
+    check_fingerprint: bool = True  # refuse servers announcing another checkpoint (models/fingerprint.py)
     emulated_hop_delay: float = 0.0  # benchmarks only: sleep this long (s) before each send and reply
 
     @classmethod

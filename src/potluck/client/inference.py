@@ -5,6 +5,7 @@ When a hop fails (lost connection, error reply, step timeout, draining), the cli
 routes a replacement chain for the failed blocks only (its boundaries may differ), and sends the new
 servers the history from position 0 together with the current step, so they rebuild their KV caches in
 the same round trip. Downstream hops that were already in sync get only the new tokens.
+What counts as a failure, and what is fatal instead, is decided in ``failures.py`` (shared with training).
 """
 
 from __future__ import annotations
@@ -18,36 +19,31 @@ from dataclasses import dataclass, field
 
 import torch
 
+from potluck.client.failures import (
+    CONNECTION_ERRORS,
+    Failover,
+    HopFailure,
+    call_deadline,
+    failure_from_exception,
+    failure_from_reply,
+    unexpected_reply,
+)
 from potluck.client.swarm_view import SwarmView
 from potluck.client.tuning import TuningPayload
-from potluck.server.handlers import PROTOCOL_INFERENCE
-from potluck.swarm.routing import RouteHop, format_route
+from potluck.swarm.routing import RouteHop, RouteRequirements, format_route
 from potluck.wire import (
+    PROTOCOL_INFERENCE,
     CloseInference,
     ErrorReply,
     InferenceOpened,
     InferenceStep,
     InferenceStepResult,
     OpenInference,
-    ProtocolError,
-    StreamClosed,
     read_message,
     write_message,
 )
 
 logger = logging.getLogger(__name__)
-
-
-class ServerFailure(Exception):
-    """One server could not serve a request; another server may."""
-
-    def __init__(self, peer_id: str, message: str):
-        super().__init__(message)
-        self.peer_id = peer_id
-
-
-class InferenceFailedError(RuntimeError):
-    """A step could not be completed within the retry budget."""
 
 
 class InputHistory:
@@ -129,12 +125,26 @@ class RemoteInferenceSession:
     """One generation's sessions across the chain; ``step`` maps hidden states [B, T, H] through all blocks."""
 
     def __init__(
-        self, view: SwarmView, *, max_length: int, batch_size: int, tuning: TuningPayload | None = None
+        self,
+        view: SwarmView,
+        *,
+        max_length: int,
+        batch_size: int,
+        tuning: TuningPayload | None = None,
+        fingerprint: str | None = None,
     ):
         self.view = view
         self.tuning = tuning or TuningPayload()  # prompts / adapters, sent to each server once at open
         self.max_length = max_length
         self.batch_size = batch_size
+        # What every server of the chain must offer: routing leaves out the others (without banning them).
+        self.needs = RouteRequirements(
+            adapter=self.tuning.active_adapter,
+            max_length=max_length,
+            # steps go in pieces of at most max_replay_tokens batch*tokens (at least one token per row)
+            batch_tokens=min(batch_size * max_length, max(view.config.max_replay_tokens, batch_size)),
+            fingerprint=fingerprint,
+        )
         self.position = 0  # tokens processed so far
         self.hops: list[HopSession] = []
         self.failovers = 0  # servers replaced during this session, for logs and benchmarks
@@ -153,8 +163,8 @@ class RemoteInferenceSession:
                 hop.peer_id, PROTOCOL_INFERENCE, timeout=cfg.connect_timeout
             )
             tuning, tuning_tensors = self.tuning.for_hop(hop)
-            await asyncio.wait_for(
-                write_message(
+            async with asyncio.timeout(cfg.connect_timeout + cfg.alloc_timeout):
+                await write_message(
                     writer,
                     OpenInference(
                         model=self.view.model_prefix,
@@ -167,45 +177,39 @@ class RemoteInferenceSession:
                         tuning=tuning,
                     ),
                     tuning_tensors,
-                ),
-                timeout=cfg.connect_timeout,
-            )
-            msg, _ = await read_message(reader, timeout=cfg.connect_timeout + cfg.alloc_timeout)
-        except (TimeoutError, OSError, ProtocolError, StreamClosed, asyncio.IncompleteReadError) as e:
-            raise ServerFailure(hop.peer_id, f"could not open a session: {type(e).__name__}: {e}") from e
-        except Exception as e:  # p2pd reports unreachable peers with its own exception types
-            raise ServerFailure(hop.peer_id, f"could not open a session: {type(e).__name__}: {e}") from e
+                )
+                msg, _ = await read_message(reader)
+        except CONNECTION_ERRORS as e:
+            raise failure_from_exception(hop.peer_id, e, "opening a session") from e
         if isinstance(msg, ErrorReply):
-            raise ServerFailure(hop.peer_id, f"refused the session: {msg.code}: {msg.message}")
+            writer.close()
+            raise failure_from_reply(hop.peer_id, msg)
         if not isinstance(msg, InferenceOpened):
-            raise ServerFailure(hop.peer_id, f"unexpected reply {getattr(msg, 'kind', msg)!r}")
+            writer.close()
+            raise unexpected_reply(hop.peer_id, "open_inference")
         self.view.record_rtt(hop.peer_id, time.perf_counter() - t0)
         return HopSession(hop=hop, reader=reader, writer=writer)
 
-    async def _open_chain(self, start: int, end: int) -> list[HopSession]:
-        """Route and open sessions for [start, end); servers that fail to open are banned and re-routed."""
-        cfg = self.view.config
-        for _attempt in range(cfg.max_retries + 1):
-            hops = await self.view.route(
-                start, end, batch_tokens=self.batch_size * self.max_length, inference=True
+    async def _open_chain(self, start: int, end: int, failover: Failover) -> list[HopSession]:
+        """Route and open sessions for [start, end); failures go through the call's ``failover`` policy."""
+        while True:
+            hops = await failover.route(
+                start, end, inference=True, batch_tokens=self.batch_size * self.max_length
             )
             opened: list[HopSession] = []
             try:
                 for hop in hops:
                     opened.append(await self._open_hop(hop))
                 return opened
-            except ServerFailure as e:
-                self.view.ban(e.peer_id, str(e))
+            except HopFailure as e:
                 for s in opened:
                     await s.close()
-                with contextlib.suppress(Exception):
-                    await self.view.refresh(min_age=1.0)
-        raise InferenceFailedError(
-            f"could not open sessions for blocks {start}:{end} after {cfg.max_retries} retries"
-        )
+                await failover.handle(e)
 
     async def open(self) -> None:
-        self.hops = await self._open_chain(0, self.view.num_blocks)
+        what = f"opening an inference session over blocks 0:{self.view.num_blocks}"
+        async with call_deadline(self.view.config.request_timeout, what):
+            self.hops = await self._open_chain(0, self.view.num_blocks, Failover(self.view, self.needs, what))
         logger.info("inference session over %s", format_route([h.hop for h in self.hops]))
 
     # --- steps -----------------------------------------------------------------------------------------
@@ -220,9 +224,14 @@ class RemoteInferenceSession:
             raise ValueError(f"step at position {position} but only {self.position} tokens were processed")
         if position + num_new > self.max_length:
             raise ValueError(f"session max_length {self.max_length} exceeded ({position + num_new} tokens)")
+        what = f"inference step at position {position}"
+        async with call_deadline(self.view.config.request_timeout, what):
+            return await self._step(inputs, position, Failover(self.view, self.needs, what))
+
+    async def _step(self, inputs: torch.Tensor, position: int, failover: Failover) -> torch.Tensor:
+        num_new = inputs.shape[1]
         x, x_start = inputs, position  # x holds positions [x_start, position + num_new) at the current block
         index = 0
-        failures = 0
         while index < len(self.hops):
             hop = self.hops[index]
             send_start = min(
@@ -234,9 +243,8 @@ class RemoteInferenceSession:
                 x_send = x[:, send_start - x_start :]
             try:
                 out = await self._send(hop, x_send, send_start)
-            except ServerFailure as e:
-                failures += 1
-                await self._replace(index, e, failures)
+            except HopFailure as e:
+                await self._replace(index, e, failover)
                 continue
             hop.history.put(x_send, send_start)
             hop.server_length = send_start + x_send.shape[1]
@@ -262,44 +270,36 @@ class RemoteInferenceSession:
                     step = InferenceStep(step_id=hop.step_id, position=position + offset)
                     await write_message(hop.writer, step, [piece], cfg.compression)
                     msg, tensors = await read_message(hop.reader)
-            except TimeoutError:
-                raise ServerFailure(
-                    hop.peer_id, f"no reply within the step timeout ({cfg.step_timeout}s)"
-                ) from None
-            except (StreamClosed, ProtocolError, OSError, asyncio.IncompleteReadError) as e:
-                raise ServerFailure(hop.peer_id, f"connection lost: {type(e).__name__}: {e}") from e
+            except CONNECTION_ERRORS as e:
+                raise failure_from_exception(
+                    hop.peer_id, e, f"step (step_timeout {cfg.step_timeout}s)"
+                ) from e
             if cfg.emulated_hop_delay:
                 await asyncio.sleep(cfg.emulated_hop_delay)
             if isinstance(msg, ErrorReply):
-                raise ServerFailure(hop.peer_id, f"{msg.code}: {msg.message}")
+                raise failure_from_reply(hop.peer_id, msg)
             if (
                 not isinstance(msg, InferenceStepResult)
                 or len(tensors) != 1
                 or tensors[0].shape != piece.shape
             ):
-                raise ServerFailure(hop.peer_id, "malformed step reply")
+                raise unexpected_reply(hop.peer_id, "inference_step")
             outs.append(tensors[0])
             self.hop_times.append((hop.peer_id, time.perf_counter() - sent_at, msg.server_ms / 1000))
         self.view.clear_ban(hop.peer_id)
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
-    async def _replace(self, index: int, failure: ServerFailure, failures: int) -> None:
-        """Swap hop ``index`` for a fresh chain over the same blocks; its history goes to the first new hop."""
-        cfg = self.view.config
+    async def _replace(self, index: int, failure: HopFailure, failover: Failover) -> None:
+        """Swap hop ``index`` for a fresh chain over the same blocks; its history goes to the first new hop.
+
+        ``failover.handle`` first: a fatal failure is raised from there (the session stays as it was, nobody is
+        banned); a retryable one bans the server and counts against ``max_retries``.
+        """
         failed = self.hops[index]
         t0 = time.perf_counter()
-        self.view.ban(failed.peer_id, str(failure))
+        await failover.handle(failure)
         await failed.close()
-        if failures > cfg.max_retries:
-            raise InferenceFailedError(
-                f"blocks {failed.hop.start}:{failed.hop.end}: gave up after {cfg.max_retries} failovers "
-                f"(last: server {failed.peer_id[-8:]}: {failure})"
-            )
-        with contextlib.suppress(Exception):
-            await self.view.refresh(min_age=1.0)
-        replacement = await self._open_chain(
-            failed.hop.start, failed.hop.end
-        )  # MissingBlocksError propagates
+        replacement = await self._open_chain(failed.hop.start, failed.hop.end, failover)
         replacement[0].history = failed.history.copy()
         self.hops[index : index + 1] = replacement
         self.failovers += 1

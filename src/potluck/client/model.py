@@ -24,10 +24,11 @@ from potluck.client.config import ClientConfig
 from potluck.client.generation import GenerationParams, generate_tokens
 from potluck.client.inference import RemoteInferenceSession
 from potluck.client.loop import LoopThread, shared_loop
-from potluck.client.remote_blocks import RemoteBlocks, remote_blocks
+from potluck.client.remote_blocks import LOOP_GRACE, RemoteBlocks, remote_blocks
 from potluck.client.swarm_view import SwarmView
 from potluck.client.tuning import TUNING_MODES, PromptTuning, RemoteLora, TuningPayload, default_lora_targets
 from potluck.models import ClientParts, LoraConfig, load_client_parts, load_config
+from potluck.models.fingerprint import checkpoint_fingerprint
 from potluck.swarm.records import model_prefix_for
 
 logger = logging.getLogger(__name__)
@@ -63,8 +64,8 @@ class InferenceSession:
 
     def step(self, hidden: torch.Tensor, position: int | None = None) -> torch.Tensor:
         """Hidden states [B, T, H] through all remote blocks, using and extending the servers' caches."""
-        cfg = self.model.client_config
-        timeout = (cfg.step_timeout + cfg.connect_timeout) * (cfg.max_retries + 2) + cfg.wait_for_servers
+        # The step's one deadline (request_timeout) is inside the call; the loop wait only guards a stuck loop.
+        timeout = self.model.client_config.request_timeout + LOOP_GRACE
         return self.model.loop.run(self.remote.step(hidden, position=position), timeout=timeout)
 
     def close(self) -> None:
@@ -88,6 +89,7 @@ class DistributedModelForCausalLM(nn.Module):
         client_config: ClientConfig,
         loop: LoopThread,
         tokenizer: Any = None,
+        fingerprint: str | None = None,
     ):
         super().__init__()
         self.name_or_path = name_or_path
@@ -97,7 +99,9 @@ class DistributedModelForCausalLM(nn.Module):
         self.client_config = client_config
         self.loop = loop
         self.tokenizer = tokenizer
-        self.blocks = RemoteBlocks(view)
+        # of our checkpoint (models/fingerprint.py): servers announcing another one are refused
+        self.fingerprint = fingerprint
+        self.blocks = RemoteBlocks(view, fingerprint)
         self._closed = False
         spec, family = client_parts.spec, client_parts.family.name
         dtype = next(client_parts.parameters()).dtype
@@ -144,13 +148,18 @@ class DistributedModelForCausalLM(nn.Module):
         parts = load_client_parts(name_or_path, dtype=dtype, device=device, revision=revision, token=token)
         parts.requires_grad_(False)
         tokenizer = _load_tokenizer(name_or_path, revision, token) if load_tokenizer else None
+        fingerprint = None
+        if client_config.check_fingerprint:
+            fingerprint = checkpoint_fingerprint(
+                name_or_path, revision=revision, token=token, config=hf_config
+            )
         prefix = client_config.model_prefix or model_prefix_for(name_or_path)
         loop = shared_loop()
         view = loop.run(
             SwarmView.create(client_config, prefix, int(hf_config.num_hidden_layers)),
             timeout=client_config.startup_timeout + 30,
         )
-        return cls(name_or_path, hf_config, parts, view, client_config, loop, tokenizer)
+        return cls(name_or_path, hf_config, parts, view, client_config, loop, tokenizer, fingerprint)
 
     def shutdown(self) -> None:
         """Stop this client's p2pd and DHT node."""
@@ -165,6 +174,11 @@ class DistributedModelForCausalLM(nn.Module):
         self.shutdown()
 
     # --- forward (no cache) ----------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        """Where the client's parts live (inputs and outputs of ``forward`` / ``generate``), as in transformers."""
+        return next(self.client.parameters()).device
 
     def get_input_embeddings(self) -> nn.Module:
         return self.client.get_input_embeddings()
@@ -210,10 +224,13 @@ class DistributedModelForCausalLM(nn.Module):
         """Servers keep KV caches for up to ``max_length`` tokens; ``generate`` calls inside continue it."""
         prefix = self.prompts.pre_seq_len if self.prompts is not None else 0
         remote = RemoteInferenceSession(
-            self.view, max_length=max_length + prefix, batch_size=batch_size, tuning=self.tuning_payload()
+            self.view,
+            max_length=max_length + prefix,
+            batch_size=batch_size,
+            tuning=self.tuning_payload(),
+            fingerprint=self.fingerprint,
         )
-        timeout = self.client_config.wait_for_servers + self.client_config.connect_timeout * 4 + 30
-        self.loop.run(remote.open(), timeout=timeout)
+        self.loop.run(remote.open(), timeout=self.client_config.request_timeout + LOOP_GRACE)
         session = InferenceSession(self, remote, prefix_length=prefix)
         reset = _active_session.set(session)
         try:
@@ -235,9 +252,12 @@ class DistributedModelForCausalLM(nn.Module):
         max_length: int | None = None,
         streamer: Any = None,
         session: InferenceSession | None = None,
+        tokenizer: Any = None,
         **kwargs: Any,
     ) -> torch.Tensor:
         """HF-compatible generation (greedy, sampling, repetition penalty, eos/stop, streamers).
+
+        ``stop_strings`` need a tokenizer: ``tokenizer=`` as in transformers, else the one loaded with the model.
 
         Inside ``inference_session``, ``input_ids`` may either repeat the tokens already processed (they are
         skipped) or hold only new tokens, which continue the conversation; the result is the session's whole
@@ -264,10 +284,10 @@ class DistributedModelForCausalLM(nn.Module):
             with self.inference_session(
                 input_ids.shape[1] + max_new_tokens, batch_size=input_ids.shape[0]
             ) as s:
-                return self._generate_in(s, input_ids, 0, params, streamer)
+                return self._generate_in(s, input_ids, 0, params, streamer, tokenizer)
         if input_ids.shape[1] < already:
             raise RuntimeError(f"the session holds {already} tokens but only {input_ids.shape[1]} were given")
-        return self._generate_in(session, input_ids, already, params, streamer)
+        return self._generate_in(session, input_ids, already, params, streamer, tokenizer)
 
     def _generate_in(
         self,
@@ -276,6 +296,7 @@ class DistributedModelForCausalLM(nn.Module):
         already: int,
         params: GenerationParams,
         streamer: Any,
+        tokenizer: Any = None,
     ) -> torch.Tensor:
         first = True
 
@@ -296,7 +317,9 @@ class DistributedModelForCausalLM(nn.Module):
             hidden = session.step(self.client.pre_blocks(embeds), position=position)  # [B, t, H]
             return self.client.head(hidden[:, -1:])[:, -1]  # [B, V]
 
-        out = generate_tokens(step, input_ids, params, streamer=streamer, tokenizer=self.tokenizer)
+        out = generate_tokens(
+            step, input_ids, params, streamer=streamer, tokenizer=tokenizer or self.tokenizer
+        )
         session.token_ids = out
         return out
 

@@ -10,20 +10,31 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from potluck.client.config import ClientConfig
+from potluck.errors import (
+    LimitExceededError,
+    MissingBlocksError,
+    ModelMismatchError,
+    RequestError,
+    UnknownAdapterError,
+)
 from potluck.swarm.direct import DirectConnectError, open_direct
 from potluck.swarm.directory import fetch_snapshot
 from potluck.swarm.records import SwarmSnapshot
 from potluck.swarm.routing import (
-    MissingBlocksError,
     RouteHop,
+    RouteRequirements,
+    Unsuitable,
+    UnsuitableKind,
     find_forward_route,
     find_inference_route,
     format_route,
+    unservable_blocks_error,
 )
-from potluck.swarm.transport import NodeOptions, SwarmNode
+from potluck.swarm.transport import NodeOptions, SwarmNode, TransportError
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +111,7 @@ class SwarmView:
             await asyncio.sleep(self.config.update_period)
             try:
                 await self.refresh()
-            except Exception as e:
+            except (TransportError, TimeoutError) as e:
                 logger.debug("background swarm refresh failed: %s", e)
 
     # --- health ---------------------------------------------------------------------------------------
@@ -151,11 +162,28 @@ class SwarmView:
 
     # --- routes ----------------------------------------------------------------------------------------
 
-    async def route(self, start: int, end: int, *, batch_tokens: int, inference: bool) -> list[RouteHop]:
-        """The best chain over [start, end); waits up to ``wait_for_servers`` for missing blocks."""
+    async def route(
+        self,
+        start: int,
+        end: int,
+        *,
+        batch_tokens: int,
+        inference: bool,
+        needs: RouteRequirements = RouteRequirements(),
+        skip: Mapping[str, RequestError] | None = None,
+    ) -> list[RouteHop]:
+        """The best chain over [start, end) of servers that can serve ``needs``.
+
+        ``skip``: servers that refused this call as beyond their limits (left out, not banned). When only such
+        servers (or servers whose announcements show they cannot serve ``needs``) hold some blocks, raises that
+        ``RequestError`` at once: waiting would not help. When nobody holds them, waits up to
+        ``wait_for_servers`` for servers to appear, then raises ``MissingBlocksError``.
+        """
+        skip = skip or {}
         deadline = time.monotonic() + self.config.wait_for_servers
         delay = 0.25
         while True:
+            banned = self.excluded() | set(skip)
             try:
                 if inference:
                     hops = find_inference_route(
@@ -164,16 +192,20 @@ class SwarmView:
                         end,
                         rtts=self.rtts,
                         batch_tokens=batch_tokens,
-                        banned=self.excluded(),
+                        banned=banned,
+                        needs=needs,
                     )
                 else:
                     hops = find_forward_route(
-                        self.snapshot, start, end, rtts=self.rtts, banned=self.excluded()
+                        self.snapshot, start, end, rtts=self.rtts, banned=banned, needs=needs
                     )
                 if self.config.show_route:
                     logger.info("route %d:%d: %s", start, end, format_route(hops))
                 return hops
-            except MissingBlocksError:
+            except MissingBlocksError as e:
+                fatal = self._unservable(e, skip)
+                if fatal is not None:
+                    raise fatal from None
                 if time.monotonic() >= deadline:
                     raise
             # Servers join by announcing in the DHT, which has no push: poll it, backing off, until the deadline.
@@ -181,5 +213,23 @@ class SwarmView:
             delay = min(delay * 2, 2.0)
             try:
                 await self.refresh()
-            except Exception as e:
+            except (TransportError, TimeoutError) as e:
                 logger.debug("swarm refresh failed while waiting for servers: %s", e)
+
+    def _unservable(self, error: MissingBlocksError, skip: Mapping[str, RequestError]) -> RequestError | None:
+        """A RequestError if every missing block is held only by servers that cannot serve this request."""
+        for peer_id, refusal in skip.items():
+            span = self.snapshot.servers.get(peer_id)  # type: ignore[call-overload]
+            if span is not None:
+                error.unsuitable.append(
+                    Unsuitable(peer_id, span.start, span.end, _KIND_OF.get(type(refusal), "limit_exceeded"),
+                               str(refusal))
+                )  # fmt: skip
+        return unservable_blocks_error(error)
+
+
+_KIND_OF: dict[type[RequestError], UnsuitableKind] = {
+    ModelMismatchError: "model_mismatch",
+    UnknownAdapterError: "unknown_adapter",
+    LimitExceededError: "limit_exceeded",
+}

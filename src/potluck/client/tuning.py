@@ -7,8 +7,10 @@ the hop's blocks) and get their gradients back through ``backward``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from potluck.models import LORA_TARGETS, LoraConfig, LoraWeights, load_peft_adapter, save_peft_adapter
@@ -17,6 +19,9 @@ from potluck.swarm.routing import RouteHop
 from potluck.wire import LoraInfo, Tuning
 
 TUNING_MODES = (None, "ptune", "deep_ptune")
+PROMPTS_FILE = (
+    "prompts.safetensors"  # trained soft prompts in a directory (as `potluck finetune --save` writes)
+)
 DEFAULT_LORA_TARGETS = {"llama": ("q_proj", "v_proj"), "bloom": ("query_key_value",)}
 
 
@@ -43,6 +48,34 @@ class PromptTuning(nn.Module):
         if self.intermediate_prompts is None:
             return None
         return self.intermediate_prompts.unsqueeze(1)  # [n_blocks, 1, P, H], broadcast over the batch
+
+    def save_pretrained(self, path: str) -> None:
+        """Write the prompts to ``path/prompts.safetensors`` (the format ``potluck finetune --save`` uses)."""
+        Path(path).mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        save_file(tensors, str(Path(path) / PROMPTS_FILE))
+
+    def load_pretrained(self, path: str) -> None:
+        """Load prompts saved by ``save_pretrained`` or ``potluck finetune --save`` (a directory or the file)."""
+        file = Path(path) / PROMPTS_FILE if Path(path).is_dir() else Path(path)
+        if not file.is_file():
+            raise FileNotFoundError(f"no saved soft prompt at {file}")
+        loaded = load_file(str(file))
+        mine = self.state_dict()
+        if set(loaded) != set(mine):
+            raise ValueError(
+                f"{file} holds {sorted(loaded)}, this model's prompts are {sorted(mine)} "
+                "(ptune saves prompt_embeddings; deep_ptune also intermediate_prompts): use the same tuning_mode"
+            )
+        for name, tensor in loaded.items():
+            if tensor.shape != mine[name].shape:
+                raise ValueError(
+                    f"{file}: {name} is {list(tensor.shape)}, this model expects {list(mine[name].shape)} "
+                    "(pass the pre_seq_len it was trained with)"
+                )
+        with torch.no_grad():
+            for name, tensor in loaded.items():
+                mine[name].copy_(tensor)
 
 
 class RemoteLora(nn.Module):

@@ -54,11 +54,6 @@ from potluck.wire import (
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL_INFO = "potluck.info"
-PROTOCOL_INFERENCE = "potluck.inference"
-PROTOCOL_FORWARD = "potluck.forward"
-PROTOCOL_BACKWARD = "potluck.backward"
-
 
 class BadRequest(Exception):
     """The client's request is invalid; the message goes back to that client."""
@@ -151,7 +146,8 @@ class ServerState:
         if tensor.shape[0] * tensor.shape[1] > self.config.max_batch_tokens:
             raise BadRequest(
                 f"{what} carries {tensor.shape[0] * tensor.shape[1]} batch*tokens, "
-                f"above this server's limit of {self.config.max_batch_tokens}"
+                f"above this server's max_batch_tokens {self.config.max_batch_tokens}",
+                "limit_exceeded",
             )
         if tensor.shape[1] == 0:
             raise BadRequest(f"{what} has no tokens")
@@ -234,8 +230,14 @@ class Handlers:
             raise BadRequest(f"an inference stream must start with open_inference, got {_kind(msg)}")
         span = self.s.check_span(msg.model, msg.start, msg.end)
         tuning = self._tuning(span, msg.tuning, tensors, batch=msg.batch_size, tokens=msg.max_length)
-        if msg.max_length < 1 or msg.max_length > cfg.max_inference_length:
-            raise BadRequest(f"max_length {msg.max_length} is outside 1..{cfg.max_inference_length}")
+        if msg.max_length < 1:
+            raise BadRequest(f"max_length must be at least 1, got {msg.max_length}")
+        if msg.max_length > cfg.max_inference_length:
+            raise BadRequest(
+                f"max_length {msg.max_length} is above this server's max_inference_length "
+                f"{cfg.max_inference_length}",
+                "limit_exceeded",
+            )
         tokens = msg.batch_size * msg.max_length
         alloc_timeout = min(msg.alloc_timeout, cfg.max_alloc_timeout)
         async with self.s.budget.reserve(tokens, alloc_timeout):
@@ -440,7 +442,7 @@ class Handlers:
                 device=self.s.device,
             )
         except TuningError as e:
-            raise BadRequest(str(e)) from None
+            raise BadRequest(str(e), e.code) from None
         if inputs.prompts is not None and inputs.prompts.shape[2] > tokens:
             raise BadRequest(f"{inputs.prompts.shape[2]} prompt positions but at most {tokens} tokens")
         return inputs

@@ -12,17 +12,11 @@ import sys
 
 import torch
 
-from potluck.models import BlockSpan, load_config, load_span
+from potluck.models import BlockSpan, CheckpointError, load_config, load_span
+from potluck.models.fingerprint import checkpoint_fingerprint
 from potluck.server.cache_budget import CacheBudget
 from potluck.server.config import ServerConfig
-from potluck.server.handlers import (
-    PROTOCOL_BACKWARD,
-    PROTOCOL_FORWARD,
-    PROTOCOL_INFERENCE,
-    PROTOCOL_INFO,
-    Handlers,
-    ServerState,
-)
+from potluck.server.handlers import Handlers, ServerState
 from potluck.server.placement import size_num_blocks
 from potluck.server.runtime import Runtime, threads_for
 from potluck.server.throughput import get_throughput
@@ -34,7 +28,13 @@ from potluck.swarm.placement import choose_span_for, should_move
 from potluck.swarm.records import ServerRecord, block_key, model_prefix_for, record_to_dht
 from potluck.swarm.records import ServerState as RecordState
 from potluck.swarm.transport import SwarmNode
-from potluck.wire import DEFAULT_LIMITS
+from potluck.wire import (
+    DEFAULT_LIMITS,
+    PROTOCOL_BACKWARD,
+    PROTOCOL_FORWARD,
+    PROTOCOL_INFERENCE,
+    PROTOCOL_INFO,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ class Server:
         self.num_model_blocks = 0
         self.moves = 0
         self._direct_addrs: tuple[str, ...] = ()
+        self.fingerprint: str | None = None  # of the checkpoint, announced so clients can detect a mismatch
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -89,6 +90,14 @@ class Server:
             length = cfg.num_blocks or size_num_blocks(hf_config, self.dtype, cfg.device, cfg.cache_tokens)
             length = max(1, min(length, self.num_model_blocks))
 
+        try:
+            self.fingerprint = await asyncio.to_thread(
+                checkpoint_fingerprint, cfg.model, revision=cfg.revision, token=cfg.token, config=hf_config
+            )
+        except (
+            CheckpointError
+        ) as e:  # e.g. a checkpoint without embeddings: serve, but clients cannot compare
+            logger.warning("no checkpoint fingerprint (clients cannot check they run the same model): %s", e)
         self.node = await SwarmNode.create(cfg.node)
         runtime = Runtime()
         tasks: list[asyncio.Task[None]] = []
@@ -280,6 +289,8 @@ class Server:
             network_rps=tp.get("network_rps", 0.0),
             cache_tokens_left=max(0, cache_left),
             max_inference_length=self.config.max_inference_length,
+            max_batch_tokens=self.config.max_batch_tokens,
+            fingerprint=self.fingerprint,
             dtype=str(self.dtype).removeprefix("torch."),
             version=_version(),
             public_name=self.config.public_name,

@@ -18,7 +18,11 @@ from potluck.wire import Tuning
 
 
 class TuningError(ValueError):
-    """The request's prompts or adapters do not fit the span."""
+    """The request's prompts or adapters do not fit the span; ``code`` is the ErrorReply code to answer with."""
+
+    def __init__(self, message: str, code: str = "bad_request"):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass
@@ -97,7 +101,9 @@ def unpack_tuning(
         full = adapters.get(tuning.active_adapter)
         if full is None:
             names = ", ".join(sorted(adapters)) or "none"
-            raise TuningError(f"adapter {tuning.active_adapter!r} is not loaded here (loaded: {names})")
+            raise TuningError(
+                f"adapter {tuning.active_adapter!r} is not loaded here (loaded: {names})", "unknown_adapter"
+            )
         lora = full.slice(span.start, span.end)
     return TuningInputs(prompts=prompts, lora=lora, sent_lora=tuning.lora is not None)
 

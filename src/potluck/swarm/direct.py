@@ -19,6 +19,7 @@ import logging
 import socket
 from collections.abc import Mapping
 
+from potluck.errors import TransportError
 from potluck.swarm.transport import STREAM_LINGER_SECONDS, StreamHandler, linger
 
 logger = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ HELLO_MAGIC = b"PLKD"
 HELLO_TIMEOUT = 10.0  # a connection that does not say hello within this long is dropped
 
 
-class DirectConnectError(ConnectionError):
+class DirectConnectError(TransportError):
     """The direct path to a server cannot be used (unreachable, wrong peer, refused protocol)."""
 
 

@@ -93,6 +93,10 @@ class ServerRecord(BaseModel):
         Field(max_length=4),
     ] = ()  # "host:port" of the server's plain-TCP data path, if it has one (see swarm/direct.py)
     announced_at: _Rate = 0.0  # DHT time of this announcement; a peer's newest record wins (0 = unknown)
+    # largest batch*tokens one step / forward may carry on this server; 0 = not announced (older servers)
+    max_batch_tokens: _Count = 0
+    # checkpoint fingerprint "config-hash.weights-hash" (models/fingerprint.py); None = not announced
+    fingerprint: Annotated[str, Field(strict=True, pattern=r"^[0-9a-f]{1,64}\.[0-9a-f]{1,64}$")] | None = None
     next_pings: Annotated[dict[_PeerKey, _Rate], Field(max_length=MAX_NEXT_PINGS)] = {}
     # ^ RTT in seconds from this server to peers holding the block right after its span (for server-to-server
     #   push); unused by relay routing but announced so a future router can use it.

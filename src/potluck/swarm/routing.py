@@ -28,35 +28,122 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from potluck.errors import (
+    LimitExceededError,
+    MissingBlocksError,
+    ModelMismatchError,
+    RequestError,
+    UnknownAdapterError,
+    format_block_ranges,
+)
 from potluck.swarm.records import PeerIdStr, ServerSpan, ServerState, SwarmSnapshot
 
+__all__ = [
+    "MissingBlocksError",
+    "RouteHop",
+    "RouteRequirements",
+    "RoutingCosts",
+    "Unsuitable",
+    "find_forward_route",
+    "find_inference_route",
+    "format_block_ranges",
+    "format_route",
+    "route_cost",
+    "unservable_blocks_error",
+    "unsuitable_reason",
+]
 
-class MissingBlocksError(RuntimeError):
-    """No usable server holds some of the requested blocks (``missing``, ascending)."""
 
-    def __init__(self, missing: Sequence[int], detail: str = "") -> None:
-        self.missing: list[int] = sorted(set(missing))
-        self.detail = detail
-        msg = f"no online server holds blocks {format_block_ranges(self.missing)}"
-        super().__init__(f"{msg} ({detail})" if detail else msg)
+@dataclass(frozen=True)
+class RouteRequirements:
+    """What a request needs from every server on its route. Servers that cannot serve it are left out of the
+    route (they are not banned: they are healthy, just not for this request)."""
 
-    def __reduce__(self) -> tuple[type[MissingBlocksError], tuple[list[int], str]]:
-        # Custom __init__ args: make it survive pickling (multiprocessing, asyncio executors).
-        return (type(self), (self.missing, self.detail))
+    adapter: str | None = None  # the server must announce this preloaded adapter (``active_adapter``)
+    max_length: int | None = None  # inference: the server's ``max_inference_length`` must be at least this
+    batch_tokens: int | None = None  # batch*tokens of the largest message; above ``max_batch_tokens`` is out
+    fingerprint: str | None = None  # the client's checkpoint fingerprint; servers announcing another are out
 
 
-def format_block_ranges(blocks: Sequence[int]) -> str:
-    """[3, 4, 5, 7] -> "3-5, 7" (inclusive ranges, for humans)."""
-    parts: list[str] = []
-    ordered = sorted(set(blocks))
-    i = 0
-    while i < len(ordered):
-        j = i
-        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
-            j += 1
-        parts.append(str(ordered[i]) if i == j else f"{ordered[i]}-{ordered[j]}")
-        i = j + 1
-    return ", ".join(parts)
+# Why a server cannot serve a request, most fundamental first (the first that applies is reported).
+UnsuitableKind = Literal["model_mismatch", "unknown_adapter", "limit_exceeded"]
+
+
+@dataclass(frozen=True)
+class Unsuitable:
+    """An online, non-banned server left out of a route because it cannot serve the request."""
+
+    peer_id: str
+    start: int
+    end: int
+    kind: UnsuitableKind
+    reason: str  # for humans: what the server announces versus what the request needs
+
+
+def unsuitable_reason(span: ServerSpan, needs: RouteRequirements) -> Unsuitable | None:
+    """Why ``span``'s server cannot serve a request with ``needs`` (None: it can). Pure, from its record."""
+    rec = span.record
+
+    def out(kind: UnsuitableKind, reason: str) -> Unsuitable:
+        return Unsuitable(span.peer_id, span.start, span.end, kind, reason)
+
+    if needs.fingerprint is not None and rec.fingerprint is not None and rec.fingerprint != needs.fingerprint:
+        return out(
+            "model_mismatch", f"server fingerprint {rec.fingerprint}, client fingerprint {needs.fingerprint}"
+        )
+    if needs.adapter is not None and needs.adapter not in rec.adapters:
+        offered = ", ".join(rec.adapters) or "none"
+        return out("unknown_adapter", f"adapter {needs.adapter!r} not loaded (offers: {offered})")
+    if needs.max_length is not None and rec.max_inference_length < needs.max_length:
+        return out(
+            "limit_exceeded",
+            f"max_length {needs.max_length} is above its max_inference_length {rec.max_inference_length}",
+        )
+    if needs.batch_tokens is not None and 0 < rec.max_batch_tokens < needs.batch_tokens:
+        return out(
+            "limit_exceeded",
+            f"{needs.batch_tokens} batch*tokens are above its max_batch_tokens {rec.max_batch_tokens}",
+        )
+    return None
+
+
+def unservable_blocks_error(error: MissingBlocksError) -> RequestError | None:
+    """The deterministic error behind ``error``, if every missing block is held by servers that are online and
+    not banned but cannot serve the request (waiting would not help); None if some block has no holder at all.
+
+    The kind reported is that of the lowest missing block's holders (most fundamental kind first).
+    """
+    if not error.missing or not error.unsuitable:
+        return None
+    for block in error.missing:
+        if not any(u.start <= block < u.end for u in error.unsuitable):
+            return None
+    first = error.missing[0]
+    holders = [u for u in error.unsuitable if u.start <= first < u.end]
+    order: list[UnsuitableKind] = ["model_mismatch", "unknown_adapter", "limit_exceeded"]
+    kind = min((u.kind for u in holders), key=order.index)
+    chosen = [u for u in holders if u.kind == kind]
+    detail = "; ".join(f"server {u.peer_id} (blocks {u.start}:{u.end}): {u.reason}" for u in chosen[:4])
+    blocks = format_block_ranges(error.missing)
+    if kind == "model_mismatch":
+        return ModelMismatchError(
+            f"the servers of blocks {blocks} run a different checkpoint than this client under the same name "
+            f"({detail}); load the same checkpoint (config and weights) as the servers or use another "
+            "model_prefix",
+            code="model_mismatch",
+            peer_id=chosen[0].peer_id,
+        )
+    if kind == "unknown_adapter":
+        return UnknownAdapterError(
+            f"no server holding blocks {blocks} offers the requested adapter ({detail})",
+            code="unknown_adapter",
+            peer_id=chosen[0].peer_id,
+        )
+    return LimitExceededError(
+        f"the request exceeds the limits of every server holding blocks {blocks} ({detail})",
+        code="limit_exceeded",
+        peer_id=chosen[0].peer_id,
+    )
 
 
 @dataclass(frozen=True)
@@ -143,28 +230,26 @@ def _check_range(snapshot: SwarmSnapshot, start: int, end: int) -> None:
 
 
 def _usable_spans(
-    snapshot: SwarmSnapshot,
-    start: int,
-    end: int,
-    banned: Collection[str],
-    *,
-    adapter: str | None = None,
-    max_length: int | None = None,
+    snapshot: SwarmSnapshot, start: int, end: int, banned: Collection[str], needs: RouteRequirements
 ) -> list[ServerSpan]:
-    """Online, non-banned servers overlapping [start, end) that can serve the request; raises if blocks lack one."""
+    """Online, non-banned servers overlapping [start, end) that can serve ``needs``; raises if blocks lack one.
+
+    The ``MissingBlocksError`` lists the servers left out as unsuitable (``unsuitable``), so the caller can tell
+    "nobody holds these blocks" (wait) from "only servers that can never serve this request hold them" (fail).
+    """
     banned_set = set(banned)
     usable: list[ServerSpan] = []
-    excluded = 0
+    unsuitable: list[Unsuitable] = []
+    num_banned = 0
     for span in snapshot.servers.values():  # sorted by peer id
         if span.state is not ServerState.online or span.end <= start or span.start >= end:
             continue
-        rec = span.record
-        if (
-            span.peer_id in banned_set
-            or (adapter is not None and adapter not in rec.adapters)
-            or (max_length is not None and rec.max_inference_length < max_length)
-        ):
-            excluded += 1
+        if span.peer_id in banned_set:
+            num_banned += 1
+            continue
+        why = unsuitable_reason(span, needs)
+        if why is not None:
+            unsuitable.append(why)
             continue
         usable.append(span)
     covered = [False] * (end - start)
@@ -173,8 +258,12 @@ def _usable_spans(
             covered[b - start] = True
     missing = [start + i for i, ok in enumerate(covered) if not ok]
     if missing:
-        detail = f"{excluded} online server(s) excluded as banned or unsuitable" if excluded else ""
-        raise MissingBlocksError(missing, detail)
+        parts = [f"{num_banned} online server(s) banned"] if num_banned else []
+        if unsuitable:
+            parts.append(f"{len(unsuitable)} online server(s) cannot serve this request")
+        error = MissingBlocksError(missing, ", ".join(parts))
+        error.unsuitable = unsuitable
+        raise error
     return usable
 
 
@@ -248,20 +337,19 @@ def find_inference_route(
     batch_tokens: int,
     banned: Collection[str] = (),
     costs: RoutingCosts = RoutingCosts(),
-    adapter: str | None = None,
-    max_length: int | None = None,
+    needs: RouteRequirements = RouteRequirements(),
 ) -> list[RouteHop]:
     """Route minimizing the expected time of one decode step over blocks [start, end).
 
     ``rtts``: client-measured RTT in seconds per peer id (missing -> ``costs.default_rtt``).
     ``batch_tokens``: KV cache the session needs per block (batch * max_length); servers announcing less free
     room cost ``costs.cache_penalty`` extra (still routable: their room may have grown since they announced).
-    ``adapter`` keeps only servers offering that LoRA adapter; ``max_length`` drops servers whose
-    ``max_inference_length`` is smaller (they would refuse the session). Only ONLINE, non-banned servers count.
+    ``needs`` leaves out servers that cannot serve the request (see ``RouteRequirements``); only ONLINE,
+    non-banned servers count.
     Raises ``MissingBlocksError`` naming exactly the blocks of [start, end) that no usable server holds.
     """
     _check_range(snapshot, start, end)
-    usable = _usable_spans(snapshot, start, end, banned, adapter=adapter, max_length=max_length)
+    usable = _usable_spans(snapshot, start, end, banned, needs)
     cands = []
     for span in usable:
         fixed, per_block = _inference_terms(span, _rtt(span.peer_id, rtts, costs), batch_tokens, costs)
@@ -278,7 +366,7 @@ def find_forward_route(
     num_tokens: int = 1024,
     banned: Collection[str] = (),
     costs: RoutingCosts = RoutingCosts(),
-    adapter: str | None = None,
+    needs: RouteRequirements = RouteRequirements(),
 ) -> list[RouteHop]:
     """Route minimizing the time of one forward (or backward) pass of ``num_tokens`` tokens over [start, end).
 
@@ -289,7 +377,7 @@ def find_forward_route(
     if num_tokens <= 0:
         raise ValueError(f"num_tokens must be positive, got {num_tokens}")
     _check_range(snapshot, start, end)
-    usable = _usable_spans(snapshot, start, end, banned, adapter=adapter)
+    usable = _usable_spans(snapshot, start, end, banned, needs)
     cands = []
     for span in usable:
         fixed, per_block = _forward_terms(span, _rtt(span.peer_id, rtts, costs), num_tokens, costs)

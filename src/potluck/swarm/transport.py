@@ -22,6 +22,8 @@ from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils import get_dht_time
 
+from potluck.errors import SwarmError, TransportError
+
 logger = logging.getLogger(__name__)
 
 STREAM_LINGER_SECONDS = 10.0  # after its last reply, a server waits this long for the client to hang up
@@ -29,8 +31,7 @@ STREAM_LINGER_SECONDS = 10.0  # after its last reply, a server waits this long f
 StreamHandler = Callable[[str, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
-class SwarmError(RuntimeError):
-    """The swarm could not be joined or reached."""
+__all__ = ["NodeOptions", "SwarmError", "SwarmNode", "TransportError", "linger"]
 
 
 @dataclass(frozen=True)
@@ -128,16 +129,26 @@ class SwarmNode:
             values.append(value)
         if not keys:
             return True
-        result = await asyncio.wait_for(
-            self._dht.store_many(keys, values, expiration_time, subkeys=subkeys), timeout=timeout
-        )
+        try:
+            result = await asyncio.wait_for(
+                self._dht.store_many(keys, values, expiration_time, subkeys=subkeys), timeout=timeout
+            )
+        except TimeoutError:
+            raise
+        except Exception as e:  # hivemind / p2pd errors become ours, so callers never see library types
+            raise TransportError(f"DHT store failed: {type(e).__name__}: {e}") from e
         return all(result.values())
 
     async def get_many(self, keys: Sequence[str], *, timeout: float = 10.0) -> dict[str, dict[str, Any]]:
         """For each key, its unexpired {subkey: value}; a key with nothing stored maps to {}."""
-        found = await asyncio.wait_for(
-            self._dht.get_many(list(keys), sufficient_expiration_time=float("inf")), timeout=timeout
-        )
+        try:
+            found = await asyncio.wait_for(
+                self._dht.get_many(list(keys), sufficient_expiration_time=float("inf")), timeout=timeout
+            )
+        except TimeoutError:
+            raise
+        except Exception as e:  # hivemind / p2pd errors become ours
+            raise TransportError(f"DHT read failed: {type(e).__name__}: {e}") from e
         out: dict[str, dict[str, Any]] = {}
         for key in keys:
             entry = found.get(key)
@@ -167,10 +178,18 @@ class SwarmNode:
     async def open_stream(
         self, peer_id: str, protocol: str, *, timeout: float = 10.0
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """Open a new bidirectional byte stream to ``peer_id``'s handler for ``protocol``."""
-        _info, reader, writer = await asyncio.wait_for(
-            self._p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), protocol), timeout=timeout
-        )
+        """Open a new bidirectional byte stream to ``peer_id``'s handler for ``protocol``.
+
+        Raises ``TimeoutError`` or ``TransportError`` (never p2pd's own exception types).
+        """
+        try:
+            _info, reader, writer = await asyncio.wait_for(
+                self._p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), protocol), timeout=timeout
+            )
+        except TimeoutError:
+            raise
+        except Exception as e:  # p2pd reports unreachable peers and refused protocols with its own types
+            raise TransportError(f"cannot open {protocol} to {peer_id[-8:]}: {type(e).__name__}: {e}") from e
         return reader, writer
 
     # --- lifecycle ------------------------------------------------------------------------------------

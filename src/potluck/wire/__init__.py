@@ -38,6 +38,12 @@ from potluck.wire.messages import (
     Tuning,
     parse_message,
 )
+from potluck.wire.protocols import (
+    PROTOCOL_BACKWARD,
+    PROTOCOL_FORWARD,
+    PROTOCOL_INFERENCE,
+    PROTOCOL_INFO,
+)
 from potluck.wire.tensors import (
     DEFAULT_LIMITS,
     WIRE_DTYPES,
@@ -49,6 +55,10 @@ from potluck.wire.tensors import (
 )
 
 __all__ = [
+    "PROTOCOL_BACKWARD",
+    "PROTOCOL_FORWARD",
+    "PROTOCOL_INFERENCE",
+    "PROTOCOL_INFO",
     "LoraInfo",
     "Tuning",
     "COMPRESSIONS",

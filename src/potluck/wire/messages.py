@@ -158,6 +158,8 @@ class BackwardResult(Message):
 
 ErrorCode = Literal[
     "bad_request",  # malformed message, wrong shape/dtype/size: the client's fault, do not retry here
+    "limit_exceeded",  # valid, but above this server's limits (max_length, batch*tokens): try a bigger server
+    "unknown_adapter",  # the named active_adapter is not loaded here: try a server that announces it
     "wrong_span",  # the server does not hold the asked blocks (it moved or never did)
     "unknown_model",
     "cache_full",  # no KV-cache room within alloc_timeout
