@@ -155,7 +155,12 @@ def test_server_preloaded_adapter_is_selected_by_name(setup: dict[str, Any]) -> 
 
 
 def test_unknown_adapter_is_a_clear_error(setup: dict[str, Any]) -> None:
-    with _client(setup, active_adapter="nope") as model, pytest.raises(ValueError, match="not loaded here"):
+    from potluck import UnknownAdapterError
+
+    with (
+        _client(setup, active_adapter="nope") as model,
+        pytest.raises(UnknownAdapterError, match=f"adapter 'nope' not loaded \\(offers: {ADAPTER}\\)"),
+    ):
         model(input_ids=_batch(6))
 
 
