@@ -31,6 +31,12 @@ def _add_network(p: argparse.ArgumentParser, *, peers_required: bool) -> None:
     p.add_argument(
         "--host", default=None, help="interface to listen on (default 0.0.0.0; 127.0.0.1 for loopback)"
     )
+    p.add_argument(
+        "--swarm-key",
+        default=None,
+        metavar="FILE",
+        help="private swarm: file with the secret all its peers share",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="0.0.0.0", help="interface to listen on")
     p.add_argument("--port", type=int, default=0, help="TCP port (0: any free port)")
     p.add_argument("--identity", default=None, metavar="FILE", help="private key file for a fixed peer id")
+    p.add_argument(
+        "--swarm-key",
+        default=None,
+        metavar="FILE",
+        help="private swarm: file with the secret all its peers share",
+    )
 
     p = sub.add_parser("serve", help="serve a span of a model's blocks to the swarm")
     p.add_argument("model", help="HF hub name or local checkpoint directory (safetensors)")

@@ -33,6 +33,9 @@ class ClientConfig:
     lora_alpha: float = 16.0  # LoRA scaling numerator (scaling = alpha / rank)
     lora_targets: tuple[str, ...] = ()  # projections to adapt; empty: the family default (q and v)
     active_adapter: str | None = None  # use a PEFT adapter preloaded by the servers (`serve --adapters`)
+    swarm_key_file: str | None = (
+        None  # private swarm: file with the secret its servers run with (--swarm-key)
+    )
     emulated_hop_delay: float = 0.0  # benchmarks only: sleep this long (s) before each send and reply
 
     @classmethod
