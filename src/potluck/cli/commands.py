@@ -86,6 +86,8 @@ def serve(args: argparse.Namespace) -> int:
         balance_check_period=args.balance_check_period,
         start_delay_max=args.start_delay_max,
         adapters=tuple(args.adapters),
+        inflight_frame_bytes=args.inflight_frame_bytes,
+        activation_bytes=args.activation_bytes,
     )
     return run_server(config)
 

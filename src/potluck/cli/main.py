@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--adapters", nargs="*", default=[], metavar="DIR", help="PEFT LoRA adapters to preload")
     p.add_argument(
+        "--inflight-frame-bytes", type=int, default=2 << 30, help="bytes of incoming frames buffered at once"
+    )
+    p.add_argument(
+        "--activation-bytes", type=int, default=2 << 30, help="bytes of training graphs kept for backward"
+    )
+    p.add_argument(
         "--direct-port", type=int, default=0, help="port of the plain-TCP data path (0: any free port)"
     )
     p.add_argument(

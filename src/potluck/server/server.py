@@ -217,7 +217,7 @@ class Server:
         noise = float(os.environ.get(TEST_LIE_ENV, "0") or 0)
         if noise > 0:  # TEST ONLY: a dishonest server, so tests can show the client's verification catches it
             logger.warning("%s=%g: this server adds noise to its outputs (test only)", TEST_LIE_ENV, noise)
-            span.register_forward_hook(lambda _module, _args, out: out + noise * torch.randn_like(out))
+            _add_output_noise(span, noise)
         return span
 
     def _adapters(self, span: BlockSpan) -> dict:  # type: ignore[type-arg]
@@ -355,6 +355,18 @@ def _warm_up(span: BlockSpan) -> None:
             torch.set_num_threads(threads_for(tokens))
             cache = span.new_cache(1, 65)
             span(torch.zeros(1, tokens, hidden, dtype=param.dtype, device=param.device), cache=cache)
+
+
+def _add_output_noise(span: BlockSpan, std: float) -> None:
+    """TEST ONLY (see ``TEST_LIE_ENV``): every span (and sub-span) this server runs returns output + N(0, std)."""
+    original_slice = span.slice
+
+    def noisy(module: BlockSpan) -> BlockSpan:
+        module.register_forward_hook(lambda _module, _args, out: out + std * torch.randn_like(out))
+        return module
+
+    span.slice = lambda start, end: noisy(original_slice(start, end))  # type: ignore[method-assign]
+    noisy(span)
 
 
 def _version() -> str:
