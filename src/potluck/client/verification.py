@@ -9,7 +9,8 @@ On a mismatch a third server decides: whoever disagrees with it is the liar. The
 suspect (never routed to again by this client). If the liar was the hop itself, the session rolls back to the
 last position at which that hop was verified, replaces the hop (the replacement replays the verified history),
 and raises ``VerificationRollback``: the generation loop drops the tokens chosen after that position and
-generates them again through honest servers, so the final tokens are those of an honest swarm. With f = 1.0
+generates them again through honest servers, so the final tokens are those of an honest swarm (a streamer has
+already shown the tokens after that position; it then receives the regenerated ones). With f = 1.0
 every step is checked (full redundancy, at least twice the compute); the default is a small spot check.
 
 A liar that lies on every step is caught after about 1/f steps of its hop (f = 0.05: within 100 steps with
