@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from potluck.server.activations import ActivationCache, KeptForward, graph_bytes
 from potluck.swarm.claims import cap_unobserved_claims
 from potluck.swarm.direct import DirectConnectError, DirectServer, open_direct
-from potluck.swarm.limits import ConnectionLimiter
+from potluck.swarm.limits import ConnectionLimiter, raise_file_limit
 from potluck.swarm.secure_channel import HELLO_MAGIC, _proof, _transcript
 from potluck.swarm.signing import (
     IdentityKey,
@@ -303,3 +303,20 @@ def test_activation_cache_counts_graph_bytes_and_stays_within_budget() -> None:
     cache.ttl = 0.0
     cache.expire()
     assert len(cache) == 0 and cache.nbytes == 0
+
+
+def test_file_limit_is_raised_to_the_hard_limit() -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        if hard != resource.RLIM_INFINITY and soft > 64:
+            resource.setrlimit(
+                resource.RLIMIT_NOFILE, (64, hard)
+            )  # lowering the soft limit is always allowed
+        assert raise_file_limit() == (hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20))
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= min(hard, 1 << 20)
+    finally:
+        resource.setrlimit(
+            resource.RLIMIT_NOFILE, (max(soft, resource.getrlimit(resource.RLIMIT_NOFILE)[0]), hard)
+        )
