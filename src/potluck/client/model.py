@@ -280,9 +280,7 @@ class DistributedModelForCausalLM(nn.Module):
         streamer: Any,
     ) -> torch.Tensor:
         first = True
-        seen = (
-            input_ids  # [B, n] every token given to the loop so far (to resume after a verification rollback)
-        )
+        seen = input_ids  # [B, n] every token given to the loop so far (to resume after a rollback)
 
         def step(new_ids: torch.Tensor) -> torch.Tensor:
             nonlocal first, seen
@@ -309,9 +307,8 @@ class DistributedModelForCausalLM(nn.Module):
             try:
                 out = generate_tokens(step, input_ids, params, streamer=streamer, tokenizer=self.tokenizer)
                 break
-            except (
-                VerificationRollback
-            ) as rollback:  # [trust] a liar was caught: regenerate after what was verified
+            except VerificationRollback as rollback:
+                # [trust] a liar was caught: regenerate the tokens after the last verified position
                 already = max(0, rollback.position - session.prefix_length)
                 input_ids = seen[:, : max(already + 1, prompt_length)]
                 if params.max_new_tokens is not None:
