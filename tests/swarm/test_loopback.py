@@ -269,10 +269,11 @@ def test_server_survives_bad_requests(swarm: dict[str, Any]) -> None:
 
 
 def test_direct_data_path_is_used_checked_and_optional(swarm: dict[str, Any]) -> None:
-    """Servers announce a plain-TCP path; clients use it, refuse a wrong peer, and fall back to libp2p."""
+    """Servers announce a direct TCP path; clients use it, refuse a wrong peer, and fall back to libp2p."""
     import socket
 
     from potluck.swarm.direct import DirectConnectError, open_direct
+    from potluck.swarm.signing import IdentityKey
 
     kind = KINDS[0]
     expected = _hf(swarm["paths"][kind]).generate(
@@ -297,7 +298,8 @@ def test_direct_data_path_is_used_checked_and_optional(swarm: dict[str, Any]) ->
 
     async def probe() -> None:
         with pytest.raises(DirectConnectError, match="not"):
-            await open_direct(addr, "potluck.info", other.peer_id, timeout=5)  # a stale address is refused
+            # a stale address is refused
+            await open_direct(addr, "potluck.info", other.peer_id, timeout=5, identity=IdentityKey.generate())
         host, _, port = addr.rpartition(":")
         reader, writer = await asyncio.open_connection(host, int(port))
         writer.write(b"garbage that is not a hello" * 10)

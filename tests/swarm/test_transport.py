@@ -25,10 +25,18 @@ def test_identity_file_keeps_the_peer_id_and_records_and_streams_work(tmp_path: 
         )
         try:
             now = SwarmNode.now()
-            assert await peer.store_many([("k", "a", {"x": 1}), ("k", "b", {"x": 2})], now + 30)
-            assert await boot.store_many([("k", "c", {"x": 3})], now + 30)
-            found = await client.get_many(["k", "missing"])
-            assert found == {"k": {"a": {"x": 1}, "b": {"x": 2}, "c": {"x": 3}}, "missing": {}}
+            assert await peer.store_many(
+                [("k", peer.peer_id, {"x": 1}), ("j", peer.peer_id, {"x": 2})], now + 30
+            )
+            assert await boot.store_many([("k", boot.peer_id, {"x": 3})], now + 30)
+            # only the owner may write its subkey: a value under another peer's id is refused by everyone
+            assert not await peer.store_many([("k", boot.peer_id, {"x": 666})], now + 60)
+            found = await client.get_many(["k", "j", "missing"])
+            assert found == {
+                "k": {peer.peer_id: {"x": 1}, boot.peer_id: {"x": 3}},
+                "j": {peer.peer_id: {"x": 2}},
+                "missing": {},
+            }
 
             async def echo(remote: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
                 assert remote == client.peer_id

@@ -57,7 +57,9 @@ def bench_inference(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="potluck-bench-") as logs, LocalSwarm(logs) as swarm:
         swarm.start_bootstrap()
         procs = [
-            swarm.start_server(model_path, s, wait=False, extra_args=["--throughput", "100"]) for s in spans
+            swarm.start_server(model_path, s, wait=False, extra_args=["--throughput", "100"])
+            for s in spans
+            for _ in range(args.replicas)  # replicas > 1: verification has a second server to re-run steps on
         ]
         swarm.wait_ready(procs)
         model = AutoDistributedModelForCausalLM.from_pretrained(
@@ -66,6 +68,9 @@ def bench_inference(args: argparse.Namespace) -> dict[str, Any]:
             compression=args.compression,
             emulated_hop_delay=args.hop_delay_ms / 1000,
             load_tokenizer=False,
+            use_direct=not args.no_direct,
+            verify_fraction=args.verify_fraction,
+            verify_seed=0,
         )
         try:
             with torch.inference_mode(), model.inference_session(max_length=max_length) as session:
@@ -78,6 +83,7 @@ def bench_inference(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 route = [f"{h.peer_id[-8:]}[{h.hop.start}:{h.hop.end}]" for h in session.remote.hops]
                 decode_hops = list(session.remote.hop_times)[len(session.remote.hops) :]  # skip the prefill
+                verifier = session.remote.verifier
         finally:
             model.shutdown()
         local = LocalCausalLM.from_pretrained(model_path)
@@ -101,6 +107,10 @@ def bench_inference(args: argparse.Namespace) -> dict[str, Any]:
         "new_tokens": args.new_tokens,
         "hop_delay_ms": args.hop_delay_ms,
         "compression": args.compression,
+        "direct_path": not args.no_direct,  # encrypted direct TCP (else libp2p only)
+        "replicas": args.replicas,
+        "verify_fraction": args.verify_fraction,
+        "verify_checks": verifier.checks if verifier is not None else 0,  # steps re-run on a second server
         "prefill_ms": _ms(prefill),
         "local_prefill_ms": _ms(local_prefill),
         "swarm_step_ms": _ms(swarm_step),
@@ -213,7 +223,9 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="potluck-bench-") as logs, LocalSwarm(logs) as swarm:
         swarm.start_bootstrap()
         procs = [
-            swarm.start_server(model_path, s, wait=False, extra_args=["--throughput", "100"]) for s in spans
+            swarm.start_server(model_path, s, wait=False, extra_args=["--throughput", "100"])
+            for s in spans
+            for _ in range(args.replicas)  # replicas > 1: verification has a second server to re-run steps on
         ]
         swarm.wait_ready(procs)
         with AutoDistributedModelForCausalLM.from_pretrained(

@@ -21,7 +21,9 @@ def bootstrap(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         node = await SwarmNode.create(
-            NodeOptions(host=args.host, port=args.port, identity_path=args.identity)
+            NodeOptions(
+                host=args.host, port=args.port, identity_path=args.identity, swarm_key_path=args.swarm_key
+            )
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -63,6 +65,7 @@ def serve(args: argparse.Namespace) -> int:
             port=args.port,
             announce_maddrs=tuple(args.announce_maddrs),
             identity_path=args.identity,
+            swarm_key_path=args.swarm_key,
         ),
         model_prefix=args.model_prefix,
         device=device,
@@ -83,6 +86,8 @@ def serve(args: argparse.Namespace) -> int:
         balance_check_period=args.balance_check_period,
         start_delay_max=args.start_delay_max,
         adapters=tuple(args.adapters),
+        inflight_frame_bytes=args.inflight_frame_bytes,
+        activation_bytes=args.activation_bytes,
     )
     return run_server(config)
 
@@ -91,6 +96,8 @@ def _client_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"initial_peers": tuple(args.initial_peers)}
     if args.host:
         kwargs["host"] = args.host
+    if getattr(args, "swarm_key", None):
+        kwargs["swarm_key_file"] = args.swarm_key
     if getattr(args, "model_prefix", None):
         kwargs["model_prefix"] = args.model_prefix
     return kwargs
@@ -131,7 +138,9 @@ def generate(args: argparse.Namespace) -> int:
 def status(args: argparse.Namespace) -> int:
     from potluck.cli.status import gather_status, render_status
 
-    report = gather_status(args.model, tuple(args.initial_peers), args.model_prefix, args.host)
+    report = gather_status(
+        args.model, tuple(args.initial_peers), args.model_prefix, args.host, args.swarm_key
+    )
     if args.json:
         print(json.dumps(report, indent=2))
     else:

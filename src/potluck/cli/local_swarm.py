@@ -93,8 +93,8 @@ class LocalSwarm:
         self.processes.append(proc)
         return proc
 
-    def start_bootstrap(self, timeout: float = 60.0) -> list[str]:
-        proc = self._spawn("bootstrap", ["bootstrap", "--host", self.host])
+    def start_bootstrap(self, timeout: float = 60.0, extra_args: Sequence[str] = ()) -> list[str]:
+        proc = self._spawn("bootstrap", ["bootstrap", "--host", self.host, *extra_args])
         self.wait_ready([proc], timeout)
         self.initial_peers = proc.maddrs
         return self.initial_peers
@@ -108,6 +108,7 @@ class LocalSwarm:
         extra_args: Sequence[str] = (),
         wait: bool = True,
         timeout: float = 120.0,
+        env: dict[str, str] | None = None,
     ) -> SwarmProcess:
         if not self.initial_peers:
             raise LaunchError("start the bootstrap peer first")
@@ -116,7 +117,7 @@ class LocalSwarm:
             args += ["--blocks", f"{blocks[0]}:{blocks[1]}"]
         args += list(extra_args)
         name = name or f"server{len(self.processes)}"
-        proc = self._spawn(name, args)
+        proc = self._spawn(name, args, env)
         if wait:
             self.wait_ready([proc], timeout)
         return proc

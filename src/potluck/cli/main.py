@@ -31,6 +31,12 @@ def _add_network(p: argparse.ArgumentParser, *, peers_required: bool) -> None:
     p.add_argument(
         "--host", default=None, help="interface to listen on (default 0.0.0.0; 127.0.0.1 for loopback)"
     )
+    p.add_argument(
+        "--swarm-key",
+        default=None,
+        metavar="FILE",
+        help="private swarm: file with the secret all its peers share",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="0.0.0.0", help="interface to listen on")
     p.add_argument("--port", type=int, default=0, help="TCP port (0: any free port)")
     p.add_argument("--identity", default=None, metavar="FILE", help="private key file for a fixed peer id")
+    p.add_argument(
+        "--swarm-key",
+        default=None,
+        metavar="FILE",
+        help="private swarm: file with the secret all its peers share",
+    )
 
     p = sub.add_parser("serve", help="serve a span of a model's blocks to the swarm")
     p.add_argument("model", help="HF hub name or local checkpoint directory (safetensors)")
@@ -73,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--throughput", type=float, default=None, help="announced tokens/s per block (default: measure)"
     )
     p.add_argument("--adapters", nargs="*", default=[], metavar="DIR", help="PEFT LoRA adapters to preload")
+    p.add_argument(
+        "--inflight-frame-bytes", type=int, default=2 << 30, help="bytes of incoming frames buffered at once"
+    )
+    p.add_argument(
+        "--activation-bytes", type=int, default=2 << 30, help="bytes of training graphs kept for backward"
+    )
     p.add_argument(
         "--direct-port", type=int, default=0, help="port of the plain-TCP data path (0: any free port)"
     )
@@ -159,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--new-tokens", type=int, default=64)
     b.add_argument("--hop-delay-ms", type=float, default=0.0, help="emulated one-way delay per hop (ms)")
     b.add_argument("--compression", default="none", choices=["none", "fp16", "bf16", "int8"])
+    b.add_argument("--no-direct", action="store_true", help="client uses libp2p only (no direct TCP path)")
+    b.add_argument("--replicas", type=int, default=1, help="servers per span (>1 lets verification run)")
+    b.add_argument("--verify-fraction", type=float, default=0.05, help="client's verify_fraction")
     b = bench.add_parser("train", help="forward+backward step through a loopback swarm vs local")
     b.add_argument("--json", action="store_true", help="print only the JSON result")
     b.add_argument("--model", default=None, help="checkpoint (default: the standard bench model)")

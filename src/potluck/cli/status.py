@@ -13,10 +13,16 @@ from potluck.swarm.transport import NodeOptions, SwarmNode
 
 
 async def read_snapshot(
-    initial_peers: tuple[str, ...], model_prefix: str, num_blocks: int, host: str | None = None
+    initial_peers: tuple[str, ...],
+    model_prefix: str,
+    num_blocks: int,
+    host: str | None = None,
+    swarm_key: str | None = None,
 ) -> SwarmSnapshot:
     node = await SwarmNode.create(
-        NodeOptions(initial_peers=initial_peers, host=host or "127.0.0.1", client_mode=True)
+        NodeOptions(
+            initial_peers=initial_peers, host=host or "127.0.0.1", client_mode=True, swarm_key_path=swarm_key
+        )
     )
     try:
         return await fetch_snapshot(node, model_prefix, num_blocks)
@@ -56,11 +62,15 @@ def snapshot_report(snapshot: SwarmSnapshot) -> dict[str, Any]:
 
 
 def gather_status(
-    model: str, initial_peers: tuple[str, ...], model_prefix: str | None = None, host: str | None = None
+    model: str,
+    initial_peers: tuple[str, ...],
+    model_prefix: str | None = None,
+    host: str | None = None,
+    swarm_key: str | None = None,
 ) -> dict[str, Any]:
     num_blocks = int(load_config(model).num_hidden_layers)
     prefix = model_prefix or model_prefix_for(model)
-    return snapshot_report(aio.run(read_snapshot(initial_peers, prefix, num_blocks, host)))
+    return snapshot_report(aio.run(read_snapshot(initial_peers, prefix, num_blocks, host, swarm_key)))
 
 
 def render_status(report: dict[str, Any]) -> str:

@@ -37,6 +37,11 @@ class ClientConfig:
     lora_targets: tuple[str, ...] = ()  # projections to adapt; empty: the family default (q and v)
     active_adapter: str | None = None  # use a PEFT adapter preloaded by the servers (`serve --adapters`)
     check_fingerprint: bool = True  # refuse servers announcing another checkpoint (models/fingerprint.py)
+    # re-run this fraction of inference steps on a second server and compare (catches lying servers; 1.0 checks
+    # every step, 0 turns it off); needs two servers holding a hop's blocks, see client/verification.py
+    verify_fraction: float = 0.05
+    verify_seed: int | None = None  # seed of the spot-check draws (reproducible runs); None: random
+    swarm_key_file: str | None = None  # private swarm: the secret file its servers use (--swarm-key)
     emulated_hop_delay: float = 0.0  # benchmarks only: sleep this long (s) before each send and reply
 
     @classmethod

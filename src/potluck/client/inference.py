@@ -23,6 +23,7 @@ from potluck.client.failures import (
     CONNECTION_ERRORS,
     Failover,
     HopFailure,
+    Verdict,
     call_deadline,
     failure_from_exception,
     failure_from_reply,
@@ -30,6 +31,7 @@ from potluck.client.failures import (
 )
 from potluck.client.swarm_view import SwarmView
 from potluck.client.tuning import TuningPayload
+from potluck.client.verification import Verifier
 from potluck.swarm.routing import RouteHop, RouteRequirements, format_route
 from potluck.wire import (
     PROTOCOL_INFERENCE,
@@ -152,6 +154,11 @@ class RemoteInferenceSession:
         # (peer, seconds from send to reply, seconds the server reported): per-hop overhead for benchmarks
         self.hop_times: collections.deque[tuple[str, float, float]] = collections.deque(maxlen=4096)
         self._closed = False
+        # [trust] spot checks of servers' outputs on other servers (client/verification.py); None when off
+        cfg = view.config
+        self.verifier = (
+            Verifier(view, cfg.verify_fraction, seed=cfg.verify_seed) if cfg.verify_fraction > 0 else None
+        )
 
     # --- opening ---------------------------------------------------------------------------------------
 
@@ -246,6 +253,8 @@ class RemoteInferenceSession:
             except HopFailure as e:
                 await self._replace(index, e, failover)
                 continue
+            if self.verifier is not None:  # [trust] may replace a caught liar and raise VerificationRollback
+                await self.verifier.after_step(self, index, x_send, send_start, out)
             hop.history.put(x_send, send_start)
             hop.server_length = send_start + x_send.shape[1]
             x, x_start = out, send_start
@@ -309,6 +318,14 @@ class RemoteInferenceSession:
             failed.peer_id[-8:], failed.hop.start, failed.hop.end, failure,
             format_route([h.hop for h in replacement]), time.perf_counter() - t0, failed.history.length,
         )  # fmt: skip
+
+    async def replace_liar(self, index: int, liar: str, position: int) -> None:
+        """[trust] Hop ``index`` was caught lying: replace it and roll the session back to ``position``, the last
+        position its outputs were verified at; the replacement replays the history before it."""
+        self.hops[index].history.truncate(position)
+        failure = HopFailure(liar, Verdict.retry_elsewhere, "caught returning wrong outputs")
+        await self._replace(index, failure, Failover(self.view, self.needs, "replacing a lying server"))
+        self.position = position
 
     async def close(self) -> None:
         self._closed = True

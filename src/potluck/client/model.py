@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from potluck.client.loop import LoopThread, shared_loop
 from potluck.client.remote_blocks import LOOP_GRACE, RemoteBlocks, remote_blocks
 from potluck.client.swarm_view import SwarmView
 from potluck.client.tuning import TUNING_MODES, PromptTuning, RemoteLora, TuningPayload, default_lora_targets
+from potluck.client.verification import VerificationRollback
 from potluck.models import ClientParts, LoraConfig, load_client_parts, load_config
 from potluck.models.fingerprint import checkpoint_fingerprint
 from potluck.swarm.records import model_prefix_for
@@ -299,9 +301,12 @@ class DistributedModelForCausalLM(nn.Module):
         tokenizer: Any = None,
     ) -> torch.Tensor:
         first = True
+        seen = input_ids  # [B, n] every token given to the loop so far (to resume after a rollback)
 
         def step(new_ids: torch.Tensor) -> torch.Tensor:
-            nonlocal first
+            nonlocal first, seen
+            if not first:
+                seen = torch.cat([seen, new_ids], dim=1)
             position = None
             ids = new_ids[:, already:] if first else new_ids  # the first call repeats the known prefix
             if (
@@ -317,11 +322,42 @@ class DistributedModelForCausalLM(nn.Module):
             hidden = session.step(self.client.pre_blocks(embeds), position=position)  # [B, t, H]
             return self.client.head(hidden[:, -1:])[:, -1]  # [B, V]
 
-        out = generate_tokens(
-            step, input_ids, params, streamer=streamer, tokenizer=tokenizer or self.tokenizer
-        )
+        prompt_length = input_ids.shape[1]
+        total = prompt_length + params.num_new_tokens(prompt_length)
+        while True:
+            try:
+                out = generate_tokens(
+                    step, input_ids, params, streamer=streamer, tokenizer=tokenizer or self.tokenizer
+                )
+                break
+            except VerificationRollback as rollback:
+                # [trust] a liar was caught: regenerate the tokens after the last verified position
+                already = max(0, rollback.position - session.prefix_length)
+                input_ids = seen[:, : max(already + 1, prompt_length)]
+                if params.max_new_tokens is not None:
+                    params = dataclasses.replace(params, max_new_tokens=max(0, total - input_ids.shape[1]))
+                first, seen = True, input_ids
+                streamer = _Resumed(streamer) if streamer is not None else None
+                logger.warning("%s; regenerating from token %d", rollback, input_ids.shape[1])
         session.token_ids = out
         return out
+
+
+class _Resumed:
+    """A streamer after a rollback: the tokens it already got are not sent again; the regenerated ones are."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+        self.skipped = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.skipped:  # generate_tokens first puts the prompt, which the streamer has seen
+            self.skipped = True
+            return
+        self.inner.put(value)
+
+    def end(self) -> None:
+        self.inner.end()
 
 
 def _starts_with(ids: torch.Tensor, prefix: torch.Tensor) -> bool:

@@ -21,6 +21,7 @@ from potluck.errors import (
     RequestError,
     UnknownAdapterError,
 )
+from potluck.swarm.claims import cap_unobserved_claims
 from potluck.swarm.direct import DirectConnectError, open_direct
 from potluck.swarm.directory import fetch_snapshot
 from potluck.swarm.records import SwarmSnapshot
@@ -59,6 +60,10 @@ class SwarmView:
         self.num_blocks = num_blocks
         self.snapshot = SwarmSnapshot.from_block_entries(model_prefix, num_blocks, {}, now=time.time())
         self.rtts: dict[str, float] = {}
+        self.observed_rps: dict[
+            str, float
+        ] = {}  # measured decode steps/s per block, per peer (trust over claims)
+        self.suspects: set[str] = set()  # servers caught returning wrong outputs: never routed to again
         self.bans: dict[str, Ban] = {}
         self._refreshed_at = -math.inf
         self._refresh_lock = asyncio.Lock()
@@ -75,6 +80,7 @@ class SwarmView:
                 host=config.host,
                 client_mode=True,
                 startup_timeout=config.startup_timeout,
+                swarm_key_path=config.swarm_key_file,
             )
         )
         view = cls(node, config, model_prefix, num_blocks)
@@ -132,9 +138,29 @@ class SwarmView:
     def clear_ban(self, peer_id: str) -> None:
         self.bans.pop(peer_id, None)
 
+    def record_step(self, peer_id: str, seconds: float, num_blocks: int) -> None:
+        """A measured step of ``num_blocks`` blocks: routing then uses this rate instead of the server's claim."""
+        if seconds > 0 and num_blocks > 0:
+            rps = num_blocks / seconds
+            old = self.observed_rps.get(peer_id)
+            self.observed_rps[peer_id] = (
+                rps if old is None else (1 - RTT_SMOOTHING) * old + RTT_SMOOTHING * rps
+            )
+
+    def mark_suspect(self, peer_id: str, reason: str) -> None:
+        """Exclude a server that lied for the rest of this client's life (not just a ban's backoff)."""
+        if peer_id not in self.suspects:
+            logger.warning("server %s is a suspect and will not be used again: %s", peer_id[-8:], reason)
+        self.suspects.add(peer_id)
+
+    def routing_snapshot(self) -> SwarmSnapshot:
+        """The snapshot routing sees: claims capped at the swarm median unless this client measured them."""
+        return cap_unobserved_claims(self.snapshot, self.observed_rps)
+
     def excluded(self) -> set[str]:
         now = time.monotonic()
         out = {p for p, ban in self.bans.items() if ban.until > now}
+        out.update(self.suspects)
         out.update(self.config.blocked_servers)
         if self.config.allowed_servers:
             out.update(p for p in self.snapshot.servers if p not in self.config.allowed_servers)
@@ -152,7 +178,12 @@ class SwarmView:
             for addr in addrs:
                 try:
                     return await open_direct(
-                        addr, protocol, peer_id, timeout=min(timeout, DIRECT_CONNECT_TIMEOUT)
+                        addr,
+                        protocol,
+                        peer_id,
+                        timeout=min(timeout, DIRECT_CONNECT_TIMEOUT),
+                        identity=self.node.identity,
+                        swarm_key=self.node.swarm_key,
                     )
                 except DirectConnectError as e:
                     logger.debug("%s", e)
@@ -187,7 +218,7 @@ class SwarmView:
             try:
                 if inference:
                     hops = find_inference_route(
-                        self.snapshot,
+                        self.routing_snapshot(),
                         start,
                         end,
                         rtts=self.rtts,
@@ -197,7 +228,7 @@ class SwarmView:
                     )
                 else:
                     hops = find_forward_route(
-                        self.snapshot, start, end, rtts=self.rtts, banned=banned, needs=needs
+                        self.routing_snapshot(), start, end, rtts=self.rtts, banned=banned, needs=needs
                     )
                 if self.config.show_route:
                     logger.info("route %d:%d: %s", start, end, format_route(hops))

@@ -1,16 +1,21 @@
 """Autograd graphs kept between a training forward and its backward, so backward need not recompute.
 
 Entries are few and short-lived: a backward normally follows its forward within seconds. An entry that is
-missing (evicted, expired, or a replacement server) is not an error: backward then recomputes the forward from
-the hidden states the request carries anyway.
+missing (evicted, expired, refused for size, or a replacement server) is not an error: backward then recomputes
+the forward from the hidden states the request carries anyway.
+
+Bounds: at most ``capacity`` entries and ``max_bytes`` of tensors (output, leaves and every tensor the graph saved
+for backward, counted once per storage); the oldest entries go first, an entry bigger than the whole budget is not
+kept, and ``expire()`` (called periodically by the server, not only on the next put) frees expired ones.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,44 +27,97 @@ class KeptForward:
     start: int
     end: int
     kept_at: float
+    nbytes: int = field(default=-1)  # bytes the entry holds; -1: measured by the cache on put
+
+
+def graph_bytes(output: torch.Tensor, leaves: list[torch.Tensor]) -> int:
+    """Bytes held by ``output``'s autograd graph: tensors its nodes saved for backward, plus output and leaves.
+
+    Storages are counted once (views and tensors saved by several nodes share them)."""
+    seen_storages: set[int] = set()
+    total = 0
+
+    def add(t: object) -> None:
+        nonlocal total
+        if isinstance(t, torch.Tensor):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in seen_storages:
+                seen_storages.add(storage.data_ptr())
+                total += storage.nbytes()
+        elif isinstance(t, tuple | list):
+            for x in t:
+                add(x)
+
+    add(output)
+    add(leaves)
+    seen_nodes: set[int] = set()
+    stack = [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen_nodes:
+            continue
+        seen_nodes.add(id(node))
+        for name in dir(node):
+            if name.startswith("_saved_"):
+                with contextlib.suppress(RuntimeError):  # a saved tensor already freed
+                    add(getattr(node, name))
+        stack.extend(fn for fn, _ in node.next_functions)
+    return total
 
 
 class ActivationCache:
-    """At most ``capacity`` graphs, each for at most ``ttl`` seconds; oldest evicted first."""
+    """At most ``capacity`` graphs and ``max_bytes`` bytes, each for at most ``ttl`` seconds; oldest evicted first."""
 
-    def __init__(self, capacity: int = 32, ttl: float = 120.0):
+    def __init__(self, capacity: int = 32, ttl: float = 120.0, max_bytes: int = 2 << 30):
         self.capacity = capacity
         self.ttl = ttl
+        self.max_bytes = max_bytes
+        self.nbytes = 0  # bytes held by the kept entries now
         self._entries: OrderedDict[str, KeptForward] = OrderedDict()
 
-    def put(self, entry: KeptForward) -> str:
-        self._expire()
-        while len(self._entries) >= self.capacity:
-            self._entries.popitem(last=False)
+    def put(self, entry: KeptForward) -> str | None:
+        """Keep ``entry`` and return its key, or None if it alone exceeds the byte budget (backward recomputes)."""
+        self.expire()
+        if entry.nbytes < 0:
+            entry.nbytes = graph_bytes(entry.output, entry.leaves)
+        if entry.nbytes > self.max_bytes:
+            return None
+        while self._entries and (
+            len(self._entries) >= self.capacity or self.nbytes + entry.nbytes > self.max_bytes
+        ):
+            self._drop(next(iter(self._entries)))
         key = uuid.uuid4().hex
         self._entries[key] = entry
+        self.nbytes += entry.nbytes
         return key
 
     def pop(self, key: str | None, start: int, end: int) -> KeptForward | None:
         """The entry for ``key`` if it exists and covers the same blocks (then it is removed)."""
-        self._expire()
-        if key is None:
+        self.expire()
+        if key is None or key not in self._entries:
             return None
-        entry = self._entries.pop(key, None)
-        if entry is None or (entry.start, entry.end) != (start, end):
+        entry = self._drop(key)
+        if (entry.start, entry.end) != (start, end):
             return None
         return entry
 
     def clear(self) -> None:
         self._entries.clear()
+        self.nbytes = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def _expire(self) -> None:
+    def expire(self) -> None:
+        """Free every entry older than ``ttl``."""
         now = time.monotonic()
         while self._entries:
             key, entry = next(iter(self._entries.items()))
             if now - entry.kept_at <= self.ttl:
                 break
-            del self._entries[key]
+            self._drop(key)
+
+    def _drop(self, key: str) -> KeptForward:
+        entry = self._entries.pop(key)
+        self.nbytes -= entry.nbytes
+        return entry

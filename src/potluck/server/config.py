@@ -37,6 +37,10 @@ class ServerConfig:
     balance_check_period: float = 60.0  # check for a better span about this often (randomised +-50%)
     start_delay_max: float = 5.0  # with automatic placement, wait up to this long (random) before choosing
     adapters: tuple[str, ...] = ()  # PEFT LoRA adapter dirs to preload; clients pick one by its dir name
+    # payload bytes of incoming frames buffered at once over all streams; past it, frames are refused at the header
+    inflight_frame_bytes: int = 2 << 30
+    activation_bytes: int = 2 << 30  # training graphs kept for backward, in bytes; oldest evicted first
+    # private swarm and connection limits: see ``node`` (NodeOptions.swarm_key_path, max_streams_per_peer/_total)
 
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
+import os
 import random
 import signal
 import sys
@@ -14,6 +16,7 @@ import torch
 
 from potluck.models import BlockSpan, CheckpointError, load_config, load_span
 from potluck.models.fingerprint import checkpoint_fingerprint
+from potluck.server.activations import ActivationCache
 from potluck.server.cache_budget import CacheBudget
 from potluck.server.config import ServerConfig
 from potluck.server.handlers import Handlers, ServerState
@@ -22,8 +25,10 @@ from potluck.server.runtime import Runtime, threads_for
 from potluck.server.throughput import get_throughput
 from potluck.server.tuning import load_adapters
 from potluck.swarm import aio
+from potluck.swarm.claims import cap_unobserved_claims
 from potluck.swarm.direct import DirectServer
 from potluck.swarm.directory import fetch_snapshot
+from potluck.swarm.limits import raise_file_limit
 from potluck.swarm.placement import choose_span_for, should_move
 from potluck.swarm.records import ServerRecord, block_key, model_prefix_for, record_to_dht
 from potluck.swarm.records import ServerState as RecordState
@@ -35,8 +40,14 @@ from potluck.wire import (
     PROTOCOL_INFERENCE,
     PROTOCOL_INFO,
 )
+from potluck.wire.tensors import InflightBudget
 
 logger = logging.getLogger(__name__)
+
+# TEST ONLY: a server started with this environment variable set to a positive number adds Gaussian noise of that
+# standard deviation to every output of its blocks. It exists so tests can run a lying server (see
+# tests/swarm/test_verification.py); nothing in potluck sets it, and an honest server never should.
+TEST_LIE_ENV = "POTLUCK_TEST_ONLY_LIE_NOISE"
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
@@ -98,6 +109,7 @@ class Server:
             CheckpointError
         ) as e:  # e.g. a checkpoint without embeddings: serve, but clients cannot compare
             logger.warning("no checkpoint fingerprint (clients cannot check they run the same model): %s", e)
+        logger.debug("file limit: %d", raise_file_limit())  # a descriptor per connection: use what we may
         self.node = await SwarmNode.create(cfg.node)
         runtime = Runtime()
         tasks: list[asyncio.Task[None]] = []
@@ -112,8 +124,9 @@ class Server:
                 span=span,
                 runtime=runtime,
                 budget=CacheBudget(cfg.cache_tokens),
-                limits=DEFAULT_LIMITS,
+                limits=dataclasses.replace(DEFAULT_LIMITS, inflight=InflightBudget(cfg.inflight_frame_bytes)),
                 adapters=self._adapters(span),
+                activations=ActivationCache(max_bytes=cfg.activation_bytes),
             )
             await runtime.run(0, lambda: _warm_up(span))
             model_key = f"{cfg.model}@{cfg.revision or 'main'}"
@@ -134,13 +147,20 @@ class Server:
                 await self.node.add_stream_handler(protocol, handler)
             maddrs = await self.node.visible_maddrs()
             if cfg.direct_port is not None:
-                direct = DirectServer(self.node.peer_id, routes)
+                direct = DirectServer(
+                    self.node.identity,
+                    routes,
+                    swarm_key=self.node.swarm_key,
+                    per_peer=cfg.node.max_streams_per_peer,
+                    total=cfg.node.max_streams_total,
+                )
                 port = await direct.start(cfg.node.host, cfg.direct_port)
                 self._direct_addrs = direct_addrs(cfg.node.host, port, maddrs)
                 logger.info("direct data path on %s", ", ".join(self._direct_addrs))
             self.state.state = "online"
             await self._announce_current()
             tasks.append(asyncio.create_task(self._announce_loop()))
+            tasks.append(asyncio.create_task(self._expire_loop()))
             if cfg.blocks is None and cfg.balance_quality > 0:
                 tasks.append(asyncio.create_task(self._balance_loop()))
             logger.info(
@@ -176,7 +196,9 @@ class Server:
         delay = self._rng.uniform(0, self.config.start_delay_max)
         logger.info("choosing %d blocks after a %.1fs random delay", length, delay)
         await asyncio.sleep(delay)
-        snapshot = await fetch_snapshot(self.node, self.model_prefix, self.num_model_blocks)
+        snapshot = cap_unobserved_claims(
+            await fetch_snapshot(self.node, self.model_prefix, self.num_model_blocks)
+        )
         start = choose_span_for(snapshot, 1.0, length, exclude_peer=self.node.peer_id)
         logger.info(
             "chose blocks %d:%d (per-block throughput %s)",
@@ -201,6 +223,10 @@ class Server:
             token=cfg.token,
         )
         span.requires_grad_(False)
+        noise = float(os.environ.get(TEST_LIE_ENV, "0") or 0)
+        if noise > 0:  # TEST ONLY: a dishonest server, so tests can show the client's verification catches it
+            logger.warning("%s=%g: this server adds noise to its outputs (test only)", TEST_LIE_ENV, noise)
+            _add_output_noise(span, noise)
         return span
 
     def _adapters(self, span: BlockSpan) -> dict:  # type: ignore[type-arg]
@@ -217,6 +243,8 @@ class Server:
             await asyncio.sleep(self._rng.uniform(0.5 * period, 1.5 * period))
             try:
                 snapshot = await fetch_snapshot(self.node, self.model_prefix, self.num_model_blocks)
+                # records are signed (no forgeries), but claims are not proofs: cap them at the swarm's median
+                snapshot = cap_unobserved_claims(snapshot, trusted=(self.node.peer_id,))
                 if self.node.peer_id not in snapshot.servers:
                     continue  # our own records are not visible yet
                 new_start = should_move(
@@ -260,6 +288,13 @@ class Server:
         if self.state.in_flight:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.state.idle.wait(), timeout=self.config.drain_timeout)
+
+    async def _expire_loop(self) -> None:
+        """Free expired training activations eagerly, so an idle server does not sit on them until the next put."""
+        assert self.state is not None
+        while True:
+            await asyncio.sleep(max(1.0, self.state.activations.ttl / 8))
+            await self.state.runtime.run(0, self.state.activations.expire)
 
     # --- announcements -----------------------------------------------------------------------------
 
@@ -331,6 +366,18 @@ def _warm_up(span: BlockSpan) -> None:
             torch.set_num_threads(threads_for(tokens))
             cache = span.new_cache(1, 65)
             span(torch.zeros(1, tokens, hidden, dtype=param.dtype, device=param.device), cache=cache)
+
+
+def _add_output_noise(span: BlockSpan, std: float) -> None:
+    """TEST ONLY (see ``TEST_LIE_ENV``): every span (and sub-span) this server runs returns output + N(0, std)."""
+    original_slice = span.slice
+
+    def noisy(module: BlockSpan) -> BlockSpan:
+        module.register_forward_hook(lambda _module, _args, out: out + std * torch.randn_like(out))
+        return module
+
+    span.slice = lambda start, end: noisy(original_slice(start, end))  # type: ignore[method-assign]
+    noisy(span)
 
 
 def _version() -> str:

@@ -12,21 +12,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
+import os
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from hivemind.dht.node import DHTNode
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils import get_dht_time
 
 from potluck.errors import SwarmError, TransportError
+from potluck.swarm.limits import ConnectionLimiter
+from potluck.swarm.signing import IdentityKey, SignatureError, SwarmKey, open_record, sign_record
 
 logger = logging.getLogger(__name__)
 
 STREAM_LINGER_SECONDS = 10.0  # after its last reply, a server waits this long for the client to hang up
+STREAM_AUTH_TIMEOUT = 10.0  # in a private swarm, a stream must prove the swarm key within this long
+_STREAM_NONCE_BYTES = 16
+_STREAM_TAG_BYTES = 32
 
 StreamHandler = Callable[[str, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -50,28 +59,112 @@ class NodeOptions:
     client_mode: bool = False  # a client takes no incoming DHT requests and is not stored in routing tables
     startup_timeout: float = 30.0  # seconds to wait for p2pd to start and the DHT to bootstrap
     use_relay: bool = False  # libp2p circuit relays for peers behind NAT
+    swarm_key_path: str | None = (
+        None  # private swarm: file with a shared secret; peers without it are refused
+    )
+    max_streams_per_peer: int = 64  # incoming streams one peer may hold open at once (more are refused)
+    max_streams_total: int = 1024  # incoming streams held open at once from all peers together
+
+
+class SignedRecordValidator(RecordValidatorBase):
+    """Every DHT record must be signed by the peer its subkey names (see ``signing.py``).
+
+    hivemind calls ``validate`` when a peer asks us to store a record and on every record another peer returns
+    to our reads, so forged records are refused by honest storers and dropped by honest readers alike.
+    """
+
+    def __init__(self, identity: IdentityKey, swarm_key: SwarmKey | None):
+        self.identity = identity
+        self.swarm_key = swarm_key
+
+    def validate(self, record: DHTRecord) -> bool:
+        try:
+            open_record(record.key, record.subkey, record.value, record.expiration_time, self.swarm_key)
+        except SignatureError as e:
+            logger.debug("dropping DHT record: %s", e)
+            return False
+        return True
+
+    def sign_value(self, record: DHTRecord) -> bytes:
+        # Values under other peers' subkeys are sent unsigned: every honest peer (ourselves included) refuses them.
+        return sign_record(
+            self.identity, record.key, record.subkey, record.value, record.expiration_time, self.swarm_key
+        )
+
+    def strip_value(self, record: DHTRecord) -> bytes:
+        return open_record(record.key, record.subkey, record.value, record.expiration_time, self.swarm_key)
+
+    @property
+    def priority(self) -> int:
+        return 10
+
+    def merge_with(self, other: RecordValidatorBase) -> bool:
+        return False
+
+
+def load_identity(path: str | None) -> tuple[IdentityKey, bool]:
+    """The node's key: read from ``path``, or new (Ed25519; written to ``path`` when given). Returns (key, new)."""
+    if path is not None and os.path.isfile(path):
+        with open(path, "rb") as f:
+            return IdentityKey.from_private_proto(f.read(1 << 16)), False
+    identity = IdentityKey.generate()
+    if path is not None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
+        with os.fdopen(fd, "wb") as f:
+            f.write(identity.private_proto())
+    return identity, True
+
+
+def stream_auth_tag(swarm_key: SwarmKey, protocol: str, client: str, server: str, nonce: bytes) -> bytes:
+    """What a stream opener in a private swarm sends first: an HMAC bound to both (libp2p-authenticated) peers."""
+    message = b"\x00".join((protocol.encode(), client.encode(), server.encode(), nonce))
+    return hmac.digest(swarm_key.derive(b"streams"), message, "sha256")
 
 
 class SwarmNode:
     """One peer of the swarm. Create with ``await SwarmNode.create(options)``; always ``await shutdown()``."""
 
-    def __init__(self, p2p: P2P, dht: DHTNode, options: NodeOptions):
+    def __init__(
+        self,
+        p2p: P2P,
+        dht: DHTNode,
+        options: NodeOptions,
+        identity: IdentityKey,
+        swarm_key: SwarmKey | None = None,
+    ):
         self._p2p = p2p
         self._dht = dht
         self.options = options
+        self.identity = identity  # the private key behind peer_id: signs records and direct-path handshakes
+        self.swarm_key = swarm_key
         self.peer_id: str = p2p.peer_id.to_base58()
+        if self.peer_id != identity.peer_id:
+            raise SwarmError(f"p2pd runs as {self.peer_id}, not as the key's peer {identity.peer_id}")
+        self.stream_limiter = ConnectionLimiter(options.max_streams_per_peer, options.max_streams_total)
         self._closed = False
 
     @classmethod
     async def create(cls, options: NodeOptions) -> SwarmNode:
         host_maddrs = [f"/ip4/{options.host}/tcp/{options.port}"]
+        swarm_key = SwarmKey.from_file(options.swarm_key_path) if options.swarm_key_path else None
+        identity, new = load_identity(options.identity_path)
+        identity_path = options.identity_path
+        scratch = None
+        if identity_path is None:  # p2pd reads the key from a file: hand it a private one-off copy
+            scratch = tempfile.TemporaryDirectory(prefix="potluck-id-")
+            identity_path = os.path.join(scratch.name, "identity.key")
+            fd = os.open(identity_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
+            with os.fdopen(fd, "wb") as f:
+                f.write(identity.private_proto())
         try:
             p2p = await asyncio.wait_for(
                 P2P.create(
                     initial_peers=list(options.initial_peers) or None,
                     host_maddrs=host_maddrs,
                     announce_maddrs=list(options.announce_maddrs) or None,
-                    identity_path=options.identity_path,
+                    identity_path=identity_path,
+                    # hivemind's check parses RSA keys only and starts a second daemon; fresh keys are never taken
+                    check_if_identity_free=not new and identity.inlined_public_key() != b"",
                     startup_timeout=options.startup_timeout,
                     use_relay=options.use_relay,
                     auto_nat=not options.client_mode and options.host != "127.0.0.1",
@@ -82,10 +175,14 @@ class SwarmNode:
             )
         except Exception as e:  # hivemind raises a zoo of types here
             raise SwarmError(f"could not start the libp2p daemon (p2pd): {e}") from e
+        finally:
+            if scratch is not None:
+                scratch.cleanup()
         try:
             dht = await asyncio.wait_for(
                 DHTNode.create(
                     p2p=p2p,
+                    record_validator=SignedRecordValidator(identity, swarm_key),
                     initial_peers=list(options.initial_peers) or None,
                     client_mode=options.client_mode,
                     num_workers=8,
@@ -102,7 +199,12 @@ class SwarmNode:
                 f"could not join the swarm through initial peers {peers}: {e}. "
                 "Check that a bootstrap peer is running and the address is complete (/ip4/.../tcp/.../p2p/...)."
             ) from e
-        return cls(p2p, dht, options)
+        try:
+            return cls(p2p, dht, options, identity, swarm_key)
+        except Exception:
+            await dht.shutdown()
+            await p2p.shutdown()
+            raise
 
     # --- addresses ------------------------------------------------------------------------------------
 
@@ -121,7 +223,10 @@ class SwarmNode:
     async def store_many(
         self, items: Iterable[tuple[str, str, Any]], expiration_time: float, *, timeout: float = 10.0
     ) -> bool:
-        """Store (key, subkey, value) items expiring at ``expiration_time``; True if all were stored."""
+        """Store (key, subkey, value) items expiring at ``expiration_time``; True if all were stored.
+
+        Values are signed with this node's key; peers accept only those under our own peer id as subkey.
+        """
         keys, subkeys, values = [], [], []
         for key, subkey, value in items:
             keys.append(key)
@@ -165,12 +270,20 @@ class SwarmNode:
         """Serve ``protocol``: ``handler(peer_id, reader, writer)`` runs once per incoming stream."""
 
         async def _on_stream(info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            peer = info.peer_id.to_base58()
+            if not self.stream_limiter.try_acquire(peer):
+                writer.close()
+                return
             try:
-                await handler(info.peer_id.to_base58(), reader, writer)
+                if self.swarm_key is not None and not await self._check_stream_auth(protocol, peer, reader):
+                    logger.info("stream %s from %s refused: no valid swarm-key proof", protocol, peer[-8:])
+                    return
+                await handler(peer, reader, writer)
                 await linger(reader, STREAM_LINGER_SECONDS)
             except Exception:
                 logger.exception("stream handler %s failed", protocol)
             finally:
+                self.stream_limiter.release(peer)
                 writer.close()
 
         await self._p2p.add_binary_stream_handler(protocol, _on_stream)
@@ -190,7 +303,20 @@ class SwarmNode:
             raise
         except Exception as e:  # p2pd reports unreachable peers and refused protocols with its own types
             raise TransportError(f"cannot open {protocol} to {peer_id[-8:]}: {type(e).__name__}: {e}") from e
+        if self.swarm_key is not None:
+            nonce = os.urandom(_STREAM_NONCE_BYTES)
+            writer.write(nonce + stream_auth_tag(self.swarm_key, protocol, self.peer_id, peer_id, nonce))
         return reader, writer
+
+    async def _check_stream_auth(self, protocol: str, peer: str, reader: asyncio.StreamReader) -> bool:
+        assert self.swarm_key is not None
+        try:
+            async with asyncio.timeout(STREAM_AUTH_TIMEOUT):
+                proof = await reader.readexactly(_STREAM_NONCE_BYTES + _STREAM_TAG_BYTES)
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            return False
+        nonce, tag = proof[:_STREAM_NONCE_BYTES], proof[_STREAM_NONCE_BYTES:]
+        return hmac.compare_digest(tag, stream_auth_tag(self.swarm_key, protocol, peer, self.peer_id, nonce))
 
     # --- lifecycle ------------------------------------------------------------------------------------
 

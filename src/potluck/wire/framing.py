@@ -14,6 +14,9 @@ Frame layout (all integers unsigned 32-bit big-endian)::
 TensorMeta is validated against ``WireLimits`` before any payload byte is read or any buffer allocated.
 Writers send chunks of <= ``chunk_size`` (1 MiB) and drain between them so memory stays bounded; readers
 reject chunks above ``limits.max_chunk_bytes`` (4 MiB). No pickle, no eval: the header is data only.
+A server also reserves each frame's payload from ``limits.inflight`` (a byte budget shared by all its streams)
+as soon as the header is parsed, and refuses the frame when the budget is spent; the reservation and any partly
+received buffer are released the moment the frame is decoded or abandoned.
 
 Every malformed frame raises ``ProtocolError`` (``TensorLimitError`` for limit breaches); a clean EOF
 before a frame raises ``StreamClosed``; EOF inside a frame is ``ProtocolError("truncated ...")``.
@@ -195,6 +198,23 @@ def _frame_parser(limits: WireLimits) -> _Parser:
             f"frame header of {header_len} bytes exceeds max_header_bytes={limits.max_header_bytes}"
         )
     msg, metas = _parse_header((yield header_len, "header"), limits)
+    payload = sum(meta.nbytes for meta in metas)
+    budget = limits.inflight
+    if budget is not None and not budget.try_reserve(payload):
+        raise TensorLimitError(
+            f"server busy: {budget.used} of {budget.max_bytes} bytes of incoming frames in flight, "
+            f"no room for {payload} more; retry later"
+        )
+    try:
+        return msg, (yield from _read_payloads(metas, limits))
+    finally:  # runs on success, on a parse error, and when the reader closes us on EOF / timeout / cancel
+        if budget is not None:
+            budget.release(payload)
+
+
+def _read_payloads(
+    metas: list[TensorMeta], limits: WireLimits
+) -> Generator[tuple[int, str], Buffer, list[torch.Tensor]]:
     tensors: list[torch.Tensor] = []
     for i, meta in enumerate(metas):
         # torch.empty, not bytearray(n): no memset, pages are committed only as chunks arrive
@@ -212,7 +232,7 @@ def _frame_parser(limits: WireLimits) -> _Parser:
             view[filled : filled + n] = yield n, f"chunk of tensor {i}"
             filled += n
         tensors.append(decode_checked(meta, buf))
-    return msg, tensors
+    return tensors
 
 
 def decode_message(data: Buffer, limits: WireLimits = DEFAULT_LIMITS) -> tuple[Message, list[torch.Tensor]]:
@@ -233,6 +253,8 @@ def decode_message(data: Buffer, limits: WireLimits = DEFAULT_LIMITS) -> tuple[M
             n, what = parser.send(piece)
     except StopIteration as stop:
         result: tuple[Message, list[torch.Tensor]] = stop.value
+    finally:
+        parser.close()  # frees a partly filled payload buffer and its budget now, not at garbage collection
     if pos != len(mv):
         raise ProtocolError(f"{len(mv) - pos} trailing bytes after the frame")
     return result
@@ -256,6 +278,11 @@ async def _read_frame(reader: _Reader, limits: WireLimits) -> tuple[Message, lis
             n, what = parser.send(data)
     except StopIteration as stop:
         return stop.value  # type: ignore[no-any-return]
+    finally:
+        # A truncated, timed-out or cancelled frame: close the parser so its partly filled buffers and budget are
+        # released at once (the exception's traceback would otherwise keep the generator frame alive until GC).
+        parser.close()
+        data = b""
 
 
 async def read_message(

@@ -10,6 +10,7 @@ Receivers call ``check_meta`` before allocating anything: every field a peer con
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -67,6 +68,29 @@ class WireLimits:
     max_header_bytes: int = 64 * 1024
     max_chunk_bytes: int = 4 * MiB  # writers send <= 1 MiB chunks; leave headroom for other writers
     allowed_dtypes: frozenset[str] = field(default_factory=lambda: frozenset(WIRE_DTYPES))
+    # shared by all streams of a server: payload bytes of frames being received at once (None: unbounded)
+    inflight: InflightBudget | None = field(default=None, compare=False)
+
+
+class InflightBudget:
+    """A process-wide byte budget for frames being received: a frame's payload is reserved from its header, before
+    any of it is buffered, and released as soon as the frame is decoded or abandoned (truncated, timed out)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.used = 0
+        self._lock = threading.Lock()  # decode_message may run off the event loop
+
+    def try_reserve(self, nbytes: int) -> bool:
+        with self._lock:
+            if self.used + nbytes > self.max_bytes:
+                return False
+            self.used += nbytes
+            return True
+
+    def release(self, nbytes: int) -> None:
+        with self._lock:
+            self.used = max(0, self.used - nbytes)
 
 
 DEFAULT_LIMITS = WireLimits()

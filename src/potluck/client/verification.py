@@ -1,0 +1,236 @@
+"""Catching servers that return wrong hidden states: re-run a random fraction of steps elsewhere and compare.
+
+Signed records stop peers from speaking for others, but a server can still compute wrongly on purpose (or on
+broken hardware). With ``verify_fraction`` f, each inference step of each hop is re-run with probability f on a
+second server holding the same blocks, as a stateless forward over the hop's whole input history (so it needs no
+KV cache there); the outputs of the new positions are compared within a tolerance for the dtypes involved.
+
+On a mismatch a third server decides: whoever disagrees with it is the liar. The liar is banned and marked
+suspect (never routed to again by this client). If the liar was the hop itself, the session rolls back to the
+last position at which that hop was verified, replaces the hop (the replacement replays the verified history),
+and raises ``VerificationRollback``: the generation loop drops the tokens chosen after that position and
+generates them again through honest servers, so the final tokens are those of an honest swarm (a streamer has
+already shown the tokens after that position; it then receives the regenerated ones). With f = 1.0
+every step is checked (full redundancy, at least twice the compute); the default is a small spot check.
+
+A liar that lies on every step is caught after about 1/f steps of its hop (f = 0.05: within 100 steps with
+probability 1 - 0.95^100 = 99.4%); one that lies rarely is caught proportionally later. Verification needs a
+second server covering the hop's whole span; hops without one are not checked (logged once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from potluck.wire import (
+    PROTOCOL_FORWARD,
+    ErrorReply,
+    ForwardRequest,
+    ForwardResult,
+    read_message,
+    write_message,
+)
+
+if TYPE_CHECKING:
+    from potluck.client.inference import HopSession, RemoteInferenceSession
+    from potluck.client.swarm_view import SwarmView
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Outputs match when ``|a - b| <= atol + rtol * |b|`` everywhere (like ``torch.allclose``)."""
+
+    rtol: float
+    atol: float
+
+
+# Two honest servers differ by accumulation order (a full forward vs. incremental decode steps, other kernels and
+# thread counts): ~1e-6 relative in float32, ~1e-3 in half precision. The bounds leave room for that and for lossy
+# wire compression, and stay far below a tampering that changes what the model computes.
+DTYPE_TOLERANCE = {
+    "float32": Tolerance(rtol=1e-3, atol=1e-4),
+    "float16": Tolerance(rtol=1e-2, atol=1e-2),
+    "bfloat16": Tolerance(rtol=5e-2, atol=5e-2),
+}
+COMPRESSION_TOLERANCE = {
+    "none": Tolerance(0.0, 0.0),
+    "fp16": Tolerance(rtol=1e-2, atol=1e-2),
+    "bf16": Tolerance(rtol=5e-2, atol=5e-2),
+    "int8": Tolerance(rtol=1e-1, atol=1e-1),
+}
+
+
+def tolerance_for(dtypes: list[str], compression: str) -> Tolerance:
+    """The loosest tolerance among the servers' dtypes and the wire compression (unknown dtypes: bfloat16's)."""
+    candidates = [DTYPE_TOLERANCE.get(d, DTYPE_TOLERANCE["bfloat16"]) for d in dtypes]
+    candidates.append(COMPRESSION_TOLERANCE.get(compression, COMPRESSION_TOLERANCE["int8"]))
+    return Tolerance(max(t.rtol for t in candidates), max(t.atol for t in candidates))
+
+
+def outputs_match(a: torch.Tensor, b: torch.Tensor, tol: Tolerance) -> bool:
+    """Whether two servers' outputs [B, T, H] agree within ``tol`` (both as float32)."""
+    if a.shape != b.shape:
+        return False
+    a32, b32 = a.float(), b.float()
+    if not (torch.isfinite(a32).all() and torch.isfinite(b32).all()):
+        return bool(torch.equal(a32, b32))
+    return bool(((a32 - b32).abs() <= tol.atol + tol.rtol * b32.abs()).all())
+
+
+class VerificationRollback(Exception):
+    """A lying server was caught: tokens after ``position`` (server positions) must be generated again."""
+
+    def __init__(self, position: int, liar: str):
+        super().__init__(f"server {liar[-8:]} returned wrong outputs; rolling back to position {position}")
+        self.position = position
+        self.liar = liar
+
+
+class Verifier:
+    """Spot checks for one inference session (``RemoteInferenceSession.verifier``)."""
+
+    def __init__(self, view: SwarmView, fraction: float, *, seed: int | None = None):
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"verify_fraction must be in [0, 1], got {fraction}")
+        self.view = view
+        self.fraction = fraction
+        self.rng = random.Random(seed)
+        self.verified_until: dict[int, int] = {}  # id(HopSession) -> positions of that hop verified honest
+        self.steps = 0  # hop-steps seen
+        self.checks = 0  # hop-steps re-run on a second server
+        self.caught: list[str] = []  # liars found, in order
+        self.caught_at_step: int | None = None  # ``steps`` when the first liar was caught
+        self._warned_unverifiable: set[tuple[int, int]] = set()
+
+    async def after_step(
+        self,
+        session: RemoteInferenceSession,
+        index: int,
+        x_send: torch.Tensor,
+        send_start: int,
+        out: torch.Tensor,
+    ) -> None:
+        """Called by the session after hop ``index`` answered a step; may replace the hop and raise a rollback."""
+        self.steps += 1
+        if self.fraction <= 0 or self.rng.random() >= self.fraction:
+            return
+        hop = session.hops[index]
+        end = send_start + x_send.shape[1]
+        history = hop.history.get(0, send_start) if send_start > 0 else None
+        full = x_send if history is None else torch.cat([history, x_send], dim=1)  # [B, end, H]
+        liar = await self._check(session, hop, full, out)
+        if liar is None:
+            self.verified_until[id(hop)] = end
+            return
+        self.caught.append(liar)
+        if self.caught_at_step is None:
+            self.caught_at_step = self.steps
+        self.view.ban(liar, "returned wrong outputs (verification)")
+        self.view.mark_suspect(
+            liar, f"outputs of blocks {hop.hop.start}:{hop.hop.end} disagreed with two others"
+        )
+        if liar != hop.peer_id:
+            self.verified_until[id(hop)] = end  # the verifier lied; the hop agreed with the third server
+            return
+        rollback_to = self.verified_until.pop(id(hop), 0)
+        await session.replace_liar(index, liar, rollback_to)
+        raise VerificationRollback(rollback_to, liar)
+
+    async def _check(
+        self, session: RemoteInferenceSession, hop: HopSession, full: torch.Tensor, out: torch.Tensor
+    ) -> str | None:
+        """None if ``out`` is confirmed (or cannot be checked); else the peer id of the liar."""
+        start, end = hop.hop.start, hop.hop.end
+        exclude = {hop.peer_id}
+        second = self._pick(start, end, exclude)
+        if second is None:
+            if (start, end) not in self._warned_unverifiable:
+                self._warned_unverifiable.add((start, end))
+                logger.info("blocks %d:%d have no second server: their outputs are not verified", start, end)
+            return None
+        self.checks += 1
+        tail = out.shape[1]
+        ref = await self._forward(session, second, start, end, full)
+        if ref is None:
+            return None  # the second server failed: no verdict (failover handles broken servers)
+        tol = self._tolerance(hop.peer_id, second)
+        if outputs_match(out, ref[:, -tail:], tol):
+            return None
+        exclude.add(second)
+        third = self._pick(start, end, exclude)
+        logger.warning(
+            "servers %s and %s disagree on blocks %d:%d (max diff %.3g); asking %s",
+            hop.peer_id[-8:], second[-8:], start, end, (out.float() - ref[:, -tail:].float()).abs().max(),
+            third[-8:] if third else "nobody (no third server)",
+        )  # fmt: skip
+        if third is None:
+            return None
+        judge = await self._forward(session, third, start, end, full)
+        if judge is None:
+            return None
+        if outputs_match(out, judge[:, -tail:], self._tolerance(hop.peer_id, third)):
+            return second
+        if outputs_match(ref, judge, self._tolerance(second, third)):
+            return hop.peer_id
+        logger.warning("three servers disagree on blocks %d:%d; no verdict", start, end)
+        return None
+
+    def _pick(self, start: int, end: int, exclude: set[str]) -> str | None:
+        """A random online server (not excluded, not banned or suspect) whose span covers [start, end)."""
+        banned = self.view.excluded() | exclude
+        candidates = [
+            s.peer_id
+            for s in self.view.snapshot.servers_for_block(start)
+            if s.end >= end and s.peer_id not in banned
+        ]
+        return self.rng.choice(candidates) if candidates else None
+
+    def _tolerance(self, *peers: str) -> Tolerance:
+        dtypes = []
+        for peer in peers:
+            span = self.view.snapshot.servers.get(peer)  # type: ignore[call-overload]
+            if span is not None:
+                dtypes.append(span.record.dtype)
+        return tolerance_for(dtypes, self.view.config.compression)
+
+    async def _forward(
+        self, session: RemoteInferenceSession, peer: str, start: int, end: int, hidden: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Blocks [start, end) of ``peer`` over ``hidden`` [B, T, H] in one stateless forward, or None on failure."""
+        from potluck.swarm.routing import RouteHop
+
+        cfg = self.view.config
+        hop = RouteHop(peer_id=peer, start=start, end=end)  # type: ignore[arg-type]
+        header, extra = session.tuning.for_hop(hop)
+        request = ForwardRequest(
+            model=self.view.model_prefix,
+            start=start,
+            end=end,
+            tuning=header,
+            output_compression=cfg.compression,  # type: ignore[arg-type]
+        )
+        try:
+            reader, writer = await self.view.open_stream(peer, PROTOCOL_FORWARD, timeout=cfg.connect_timeout)
+            try:
+                async with asyncio.timeout(cfg.request_timeout):
+                    await write_message(writer, request, [hidden, *extra], cfg.compression)
+                    msg, tensors = await read_message(reader)
+            finally:
+                writer.close()
+        except Exception as e:  # any failure of the checker is no verdict on the checked server
+            logger.info("verification forward on %s failed: %s: %s", peer[-8:], type(e).__name__, e)
+            return None
+        if isinstance(msg, ErrorReply) or not isinstance(msg, ForwardResult) or len(tensors) != 1:
+            logger.info("verification forward on %s refused: %s", peer[-8:], getattr(msg, "message", msg))
+            return None
+        if tensors[0].shape != hidden.shape:
+            return None
+        return tensors[0]
