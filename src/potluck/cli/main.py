@@ -157,7 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--servers", type=int, default=2, help="number of servers splitting the blocks evenly")
     b.add_argument("--prompt-tokens", type=int, default=128)
     b.add_argument("--new-tokens", type=int, default=64)
-    b.add_argument("--hop-delay-ms", type=float, default=0.0, help="emulated one-way delay per hop (ms)")
+    b.add_argument(
+        "--link-delay-ms",
+        type=float,
+        default=0.0,
+        help="emulated one-way delay of every message each process sends, client and servers (ms)",
+    )
+    b.add_argument(
+        "--link-mbps", type=float, default=0.0, help="emulated uplink rate per process (0: unlimited)"
+    )
     b.add_argument("--compression", default="none", choices=["none", "fp16", "bf16", "int8"])
     b = bench.add_parser("train", help="forward+backward step through a loopback swarm vs local")
     b.add_argument("--json", action="store_true", help="print only the JSON result")

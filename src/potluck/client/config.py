@@ -33,7 +33,11 @@ class ClientConfig:
     lora_alpha: float = 16.0  # LoRA scaling numerator (scaling = alpha / rank)
     lora_targets: tuple[str, ...] = ()  # projections to adapt; empty: the family default (q and v)
     active_adapter: str | None = None  # use a PEFT adapter preloaded by the servers (`serve --adapters`)
-    emulated_hop_delay: float = 0.0  # benchmarks only: sleep this long (s) before each send and reply
+    # emulated one-way link delay (ms) on everything this client sends; None: $POTLUCK_LINK_DELAY_MS or 0
+    link_delay_ms: float | None = None
+    link_mbps: float | None = (
+        None  # emulated uplink rate (Mbit/s, 0: unlimited); None: $POTLUCK_LINK_MBPS or 0
+    )
 
     @classmethod
     def split_kwargs(cls, kwargs: dict[str, Any]) -> tuple[ClientConfig, dict[str, Any]]:

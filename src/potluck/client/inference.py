@@ -253,8 +253,6 @@ class RemoteInferenceSession:
         for offset in range(0, x.shape[1], limit):
             piece = x[:, offset : offset + limit]
             hop.step_id += 1
-            if cfg.emulated_hop_delay:
-                await asyncio.sleep(cfg.emulated_hop_delay)  # emulated one-way WAN latency (benchmarks)
             sent_at = time.perf_counter()
             try:
                 # One deadline for the whole round trip (and no extra task per step, unlike wait_for).
@@ -268,8 +266,6 @@ class RemoteInferenceSession:
                 ) from None
             except (StreamClosed, ProtocolError, OSError, asyncio.IncompleteReadError) as e:
                 raise ServerFailure(hop.peer_id, f"connection lost: {type(e).__name__}: {e}") from e
-            if cfg.emulated_hop_delay:
-                await asyncio.sleep(cfg.emulated_hop_delay)
             if isinstance(msg, ErrorReply):
                 raise ServerFailure(hop.peer_id, f"{msg.code}: {msg.message}")
             if (

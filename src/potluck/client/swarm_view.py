@@ -64,6 +64,8 @@ class SwarmView:
                 host=config.host,
                 client_mode=True,
                 startup_timeout=config.startup_timeout,
+                link_delay_ms=config.link_delay_ms,
+                link_mbps=config.link_mbps,
             )
         )
         view = cls(node, config, model_prefix, num_blocks)

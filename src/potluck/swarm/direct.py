@@ -19,6 +19,7 @@ import logging
 import socket
 from collections.abc import Mapping
 
+from potluck.swarm import link
 from potluck.swarm.transport import STREAM_LINGER_SECONDS, StreamHandler, linger
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class DirectServer:
             me = self.peer_id.encode()
             writer.write(bytes([len(me)]) + me)
             await writer.drain()
+            writer = link.shape(writer)  # emulated WAN delay from here on (the hello is not data)
             await handler(peer, reader, writer)
             await linger(reader, STREAM_LINGER_SECONDS)
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
@@ -107,4 +109,4 @@ async def open_direct(
     if peer != expected_peer_id:
         writer.close()
         raise DirectConnectError(f"direct path {addr} is peer {peer[-8:]}, not {expected_peer_id[-8:]}")
-    return reader, writer
+    return reader, link.shape(writer)

@@ -22,6 +22,8 @@ from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils import get_dht_time
 
+from potluck.swarm import link
+
 logger = logging.getLogger(__name__)
 
 STREAM_LINGER_SECONDS = 10.0  # after its last reply, a server waits this long for the client to hang up
@@ -49,6 +51,11 @@ class NodeOptions:
     client_mode: bool = False  # a client takes no incoming DHT requests and is not stored in routing tables
     startup_timeout: float = 30.0  # seconds to wait for p2pd to start and the DHT to bootstrap
     use_relay: bool = False  # libp2p circuit relays for peers behind NAT
+    # emulated one-way delay (ms) on everything this process sends; None: $POTLUCK_LINK_DELAY_MS or 0
+    link_delay_ms: float | None = None
+    link_mbps: float | None = (
+        None  # emulated uplink rate (Mbit/s, 0: unlimited); None: $POTLUCK_LINK_MBPS or 0
+    )
 
 
 class SwarmNode:
@@ -63,6 +70,7 @@ class SwarmNode:
 
     @classmethod
     async def create(cls, options: NodeOptions) -> SwarmNode:
+        link.configure(options.link_delay_ms, options.link_mbps)
         host_maddrs = [f"/ip4/{options.host}/tcp/{options.port}"]
         try:
             p2p = await asyncio.wait_for(
@@ -154,6 +162,7 @@ class SwarmNode:
         """Serve ``protocol``: ``handler(peer_id, reader, writer)`` runs once per incoming stream."""
 
         async def _on_stream(info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer = link.shape(writer)  # emulated WAN delay on what we send (none unless configured)
             try:
                 await handler(info.peer_id.to_base58(), reader, writer)
                 await linger(reader, STREAM_LINGER_SECONDS)
@@ -171,7 +180,7 @@ class SwarmNode:
         _info, reader, writer = await asyncio.wait_for(
             self._p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), protocol), timeout=timeout
         )
-        return reader, writer
+        return reader, link.shape(writer)
 
     # --- lifecycle ------------------------------------------------------------------------------------
 
