@@ -54,7 +54,11 @@ def bench_inference(args: argparse.Namespace) -> dict[str, Any]:
     vocab = int(load_config(model_path).vocab_size)
     prompt = torch.randint(0, vocab, (1, args.prompt_tokens))
     max_length = args.prompt_tokens + args.new_tokens
-    with tempfile.TemporaryDirectory(prefix="potluck-bench-") as logs, LocalSwarm(logs) as swarm:
+    link_env = {"POTLUCK_LINK_DELAY_MS": str(args.link_delay_ms), "POTLUCK_LINK_MBPS": str(args.link_mbps)}
+    with (
+        tempfile.TemporaryDirectory(prefix="potluck-bench-") as logs,
+        LocalSwarm(logs, env=link_env) as swarm,
+    ):
         swarm.start_bootstrap()
         procs = [
             swarm.start_server(model_path, s, wait=False, extra_args=["--throughput", "100"])
@@ -66,7 +70,8 @@ def bench_inference(args: argparse.Namespace) -> dict[str, Any]:
             model_path,
             initial_peers=swarm.initial_peers,
             compression=args.compression,
-            emulated_hop_delay=args.hop_delay_ms / 1000,
+            link_delay_ms=args.link_delay_ms,
+            link_mbps=args.link_mbps,
             load_tokenizer=False,
             use_direct=not args.no_direct,
             verify_fraction=args.verify_fraction,
@@ -97,6 +102,7 @@ def bench_inference(args: argparse.Namespace) -> dict[str, Any]:
             )
     swarm_step = statistics.median(steps)
     local_step = statistics.median(local_steps)
+    delay = args.link_delay_ms / 1000
     return {
         "bench": "inference",
         "model": model_path,
@@ -105,7 +111,8 @@ def bench_inference(args: argparse.Namespace) -> dict[str, Any]:
         "route": route,
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
-        "hop_delay_ms": args.hop_delay_ms,
+        "link_delay_ms": args.link_delay_ms,
+        "link_mbps": args.link_mbps,
         "compression": args.compression,
         "direct_path": not args.no_direct,  # encrypted direct TCP (else libp2p only)
         "replicas": args.replicas,
@@ -119,6 +126,12 @@ def bench_inference(args: argparse.Namespace) -> dict[str, Any]:
         "local_step_mean_ms": _ms(statistics.mean(local_steps)),
         "step_ratio": round(swarm_step / local_step, 3),
         "overhead_per_token_ms": _ms(swarm_step - local_step),
+        # the physical floor of a step: the links it must cross plus the local compute. Relaying through the
+        # client crosses 2k one-way links for k servers; servers pushing to the next one cross k + 1.
+        "relay_floor_ms": _ms(local_step + 2 * len(spans) * delay),
+        "push_floor_ms": _ms(local_step + (len(spans) + 1) * delay),
+        "step_over_relay_floor": round(swarm_step / (local_step + 2 * len(spans) * delay), 3),
+        "step_over_push_floor": round(swarm_step / (local_step + (len(spans) + 1) * delay), 3),
         # where the time goes: per hop, client-observed minus server-reported (network, p2pd, framing)
         "hop_transport_ms": _ms(statistics.median(t - s for _, t, s in decode_hops)),
         "hop_server_ms": _ms(statistics.median(s for _, _, s in decode_hops)),
@@ -220,7 +233,11 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
             times.append(time.perf_counter() - t0)
         return times[1:]
 
-    with tempfile.TemporaryDirectory(prefix="potluck-bench-") as logs, LocalSwarm(logs) as swarm:
+    link_env = {"POTLUCK_LINK_DELAY_MS": str(args.link_delay_ms), "POTLUCK_LINK_MBPS": str(args.link_mbps)}
+    with (
+        tempfile.TemporaryDirectory(prefix="potluck-bench-") as logs,
+        LocalSwarm(logs, env=link_env) as swarm,
+    ):
         swarm.start_bootstrap()
         procs = [
             swarm.start_server(model_path, s, wait=False, extra_args=["--throughput", "100"])

@@ -60,8 +60,16 @@ class SwarmProcess:
 class LocalSwarm:
     """A context manager owning every process it starts; ``close`` stops them all (SIGTERM, then SIGKILL)."""
 
-    def __init__(self, log_dir: str | Path, *, host: str = "127.0.0.1", python: str = sys.executable):
+    def __init__(
+        self,
+        log_dir: str | Path,
+        *,
+        host: str = "127.0.0.1",
+        python: str = sys.executable,
+        env: dict[str, str] | None = None,
+    ):
         self.log_dir = Path(log_dir)
+        self.env = dict(env or {})  # added to every process's environment (e.g. POTLUCK_LINK_DELAY_MS)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.host = host
         self.python = python
@@ -77,7 +85,7 @@ class LocalSwarm:
     def _spawn(self, name: str, args: Sequence[str], env: dict[str, str] | None = None) -> SwarmProcess:
         log_path = self.log_dir / f"{name}.log"
         log = open(log_path, "w")  # noqa: SIM115 - owned by the child for its lifetime
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env, **(env or {})}
         popen = subprocess.Popen(
             [self.python, "-m", "potluck.cli.main", *args],
             stdout=subprocess.PIPE,

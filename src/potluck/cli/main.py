@@ -175,7 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--servers", type=int, default=2, help="number of servers splitting the blocks evenly")
     b.add_argument("--prompt-tokens", type=int, default=128)
     b.add_argument("--new-tokens", type=int, default=64)
-    b.add_argument("--hop-delay-ms", type=float, default=0.0, help="emulated one-way delay per hop (ms)")
+    b.add_argument(
+        "--link-delay-ms",
+        type=float,
+        default=0.0,
+        help="emulated one-way delay of every message each process sends, client and servers (ms)",
+    )
+    b.add_argument(
+        "--link-mbps", type=float, default=0.0, help="emulated uplink rate per process (0: unlimited)"
+    )
     b.add_argument("--compression", default="none", choices=["none", "fp16", "bf16", "int8"])
     b.add_argument("--no-direct", action="store_true", help="client uses libp2p only (no direct TCP path)")
     b.add_argument("--replicas", type=int, default=1, help="servers per span (>1 lets verification run)")

@@ -42,7 +42,10 @@ class ClientConfig:
     verify_fraction: float = 0.05
     verify_seed: int | None = None  # seed of the spot-check draws (reproducible runs); None: random
     swarm_key_file: str | None = None  # private swarm: the secret file its servers use (--swarm-key)
-    emulated_hop_delay: float = 0.0  # benchmarks only: sleep this long (s) before each send and reply
+    # emulated one-way link delay (ms) on everything this client sends; None: $POTLUCK_LINK_DELAY_MS or 0
+    link_delay_ms: float | None = None
+    # emulated uplink rate (Mbit/s, 0: unlimited); None: $POTLUCK_LINK_MBPS or 0
+    link_mbps: float | None = None
 
     @classmethod
     def split_kwargs(cls, kwargs: dict[str, Any]) -> tuple[ClientConfig, dict[str, Any]]:

@@ -270,8 +270,6 @@ class RemoteInferenceSession:
         for offset in range(0, x.shape[1], limit):
             piece = x[:, offset : offset + limit]
             hop.step_id += 1
-            if cfg.emulated_hop_delay:
-                await asyncio.sleep(cfg.emulated_hop_delay)  # emulated one-way WAN latency (benchmarks)
             sent_at = time.perf_counter()
             try:
                 # One deadline for the whole round trip (and no extra task per step, unlike wait_for).
@@ -283,8 +281,6 @@ class RemoteInferenceSession:
                 raise failure_from_exception(
                     hop.peer_id, e, f"step (step_timeout {cfg.step_timeout}s)"
                 ) from e
-            if cfg.emulated_hop_delay:
-                await asyncio.sleep(cfg.emulated_hop_delay)
             if isinstance(msg, ErrorReply):
                 raise failure_from_reply(hop.peer_id, msg)
             if (

@@ -81,6 +81,8 @@ class SwarmView:
                 client_mode=True,
                 startup_timeout=config.startup_timeout,
                 swarm_key_path=config.swarm_key_file,
+                link_delay_ms=config.link_delay_ms,
+                link_mbps=config.link_mbps,
             )
         )
         view = cls(node, config, model_prefix, num_blocks)

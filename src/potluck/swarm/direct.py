@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from potluck.errors import TransportError
+from potluck.swarm import link
 from potluck.swarm.limits import ConnectionLimiter
 from potluck.swarm.secure_channel import HandshakeError, client_handshake, server_handshake
 from potluck.swarm.signing import IdentityKey, SwarmKey
@@ -106,6 +107,7 @@ class DirectServer:
             if not self.limiter.try_acquire(client):
                 client = None
                 return
+            swriter = link.shape(swriter)  # emulated WAN delay on what we send (none unless configured)
             await self.handlers[protocol](client, sreader, swriter)  # type: ignore[arg-type]
             await linger(sreader, STREAM_LINGER_SECONDS)  # type: ignore[arg-type]
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError) as e:
@@ -159,4 +161,4 @@ async def open_direct(
         if writer is not None:
             writer.close()
         raise DirectConnectError(f"direct path {addr} unusable: {type(e).__name__}: {e}") from e
-    return sreader, swriter  # type: ignore[return-value]
+    return sreader, link.shape(swriter)  # type: ignore[return-value]

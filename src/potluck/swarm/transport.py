@@ -27,6 +27,7 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.utils import get_dht_time
 
 from potluck.errors import SwarmError, TransportError
+from potluck.swarm import link
 from potluck.swarm.limits import ConnectionLimiter
 from potluck.swarm.signing import IdentityKey, SignatureError, SwarmKey, open_record, sign_record
 
@@ -59,6 +60,10 @@ class NodeOptions:
     client_mode: bool = False  # a client takes no incoming DHT requests and is not stored in routing tables
     startup_timeout: float = 30.0  # seconds to wait for p2pd to start and the DHT to bootstrap
     use_relay: bool = False  # libp2p circuit relays for peers behind NAT
+    # emulated one-way delay (ms) on everything this process sends; None: $POTLUCK_LINK_DELAY_MS or 0
+    link_delay_ms: float | None = None
+    # emulated uplink rate (Mbit/s, 0: unlimited); None: $POTLUCK_LINK_MBPS or 0
+    link_mbps: float | None = None
     swarm_key_path: str | None = (
         None  # private swarm: file with a shared secret; peers without it are refused
     )
@@ -145,6 +150,7 @@ class SwarmNode:
 
     @classmethod
     async def create(cls, options: NodeOptions) -> SwarmNode:
+        link.configure(options.link_delay_ms, options.link_mbps)
         host_maddrs = [f"/ip4/{options.host}/tcp/{options.port}"]
         swarm_key = SwarmKey.from_file(options.swarm_key_path) if options.swarm_key_path else None
         identity, new = load_identity(options.identity_path)
@@ -271,6 +277,7 @@ class SwarmNode:
 
         async def _on_stream(info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             peer = info.peer_id.to_base58()
+            writer = link.shape(writer)  # emulated WAN delay on what we send (none unless configured)
             if not self.stream_limiter.try_acquire(peer):
                 writer.close()
                 return
@@ -306,7 +313,7 @@ class SwarmNode:
         if self.swarm_key is not None:
             nonce = os.urandom(_STREAM_NONCE_BYTES)
             writer.write(nonce + stream_auth_tag(self.swarm_key, protocol, self.peer_id, peer_id, nonce))
-        return reader, writer
+        return reader, link.shape(writer)
 
     async def _check_stream_auth(self, protocol: str, peer: str, reader: asyncio.StreamReader) -> bool:
         assert self.swarm_key is not None
