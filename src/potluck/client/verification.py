@@ -21,6 +21,7 @@ second server covering the hop's whole span; hops without one are not checked (l
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from potluck.swarm.routing import RouteRequirements, unsuitable_reason
 from potluck.wire import (
     PROTOCOL_FORWARD,
     ErrorReply,
@@ -150,7 +152,11 @@ class Verifier:
         """None if ``out`` is confirmed (or cannot be checked); else the peer id of the liar."""
         start, end = hop.hop.start, hop.hop.end
         exclude = {hop.peer_id}
-        second = self._pick(start, end, exclude)
+        # a stateless forward of the whole history: the session's needs but no cache, and all its tokens at once
+        needs = dataclasses.replace(
+            session.needs, max_length=None, batch_tokens=full.shape[0] * full.shape[1]
+        )
+        second = self._pick(start, end, exclude, needs)
         if second is None:
             if (start, end) not in self._warned_unverifiable:
                 self._warned_unverifiable.add((start, end))
@@ -165,7 +171,7 @@ class Verifier:
         if outputs_match(out, ref[:, -tail:], tol):
             return None
         exclude.add(second)
-        third = self._pick(start, end, exclude)
+        third = self._pick(start, end, exclude, needs)
         logger.warning(
             "servers %s and %s disagree on blocks %d:%d (max diff %.3g); asking %s",
             hop.peer_id[-8:], second[-8:], start, end, (out.float() - ref[:, -tail:].float()).abs().max(),
@@ -183,13 +189,14 @@ class Verifier:
         logger.warning("three servers disagree on blocks %d:%d; no verdict", start, end)
         return None
 
-    def _pick(self, start: int, end: int, exclude: set[str]) -> str | None:
-        """A random online server (not excluded, not banned or suspect) whose span covers [start, end)."""
+    def _pick(self, start: int, end: int, exclude: set[str], needs: RouteRequirements) -> str | None:
+        """A random online server (not excluded, banned or suspect) covering [start, end) that can serve
+        ``needs`` (the session's adapter and checkpoint: a checker without them would disagree honestly)."""
         banned = self.view.excluded() | exclude
         candidates = [
             s.peer_id
             for s in self.view.snapshot.servers_for_block(start)
-            if s.end >= end and s.peer_id not in banned
+            if s.end >= end and s.peer_id not in banned and unsuitable_reason(s, needs) is None
         ]
         return self.rng.choice(candidates) if candidates else None
 
