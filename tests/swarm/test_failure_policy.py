@@ -154,3 +154,66 @@ def test_another_checkpoint_under_the_same_name_is_refused_with_both_fingerprint
         with pytest.raises(ModelMismatchError, match=ours):
             model(input_ids=_ids(5))
         assert model.opened_streams == [] and model.view.bans == {}
+
+
+def _char_tokenizer() -> Any:
+    # token i is one character ("a".."z", then other code points); no hub access needed
+    from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(ord("a") + i) if i < 26 else chr(0x100 + i): i for i in range(256)}
+    backend = Tokenizer(WordLevel(vocab, unk_token="a"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="a")
+
+
+def test_hf_surface_tokenizer_stop_strings_device_backward_and_saved_prompts(
+    setup: dict[str, Any], tmp_path: Path
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(setup["path"], dtype=torch.float32).eval()
+    tokenizer = _char_tokenizer()
+    ids = _ids(7)
+    free = hf.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None)[0, ids.shape[1] :].tolist()
+    k = next(i for i in range(2, 12) if free[i] not in free[:i])
+    stop = tokenizer.decode([free[k]])
+    expected = hf.generate(
+        ids, max_new_tokens=12, do_sample=False, eos_token_id=None, stop_strings=[stop], tokenizer=tokenizer
+    )
+    assert expected.shape[1] == ids.shape[1] + k + 1  # the stop string really cut the generation short
+    with _client(setup) as model:
+        assert model.device == torch.device("cpu")
+        got = model.generate(
+            ids, max_new_tokens=12, eos_token_id=None, stop_strings=[stop], tokenizer=tokenizer
+        )
+        assert torch.equal(got, expected)
+
+        # No tuning mode: unfreezing the client's parts makes loss.backward() reach them through the swarm.
+        model.client.requires_grad_(True)
+        batch = _ids(8, length=10)
+        model(input_ids=batch, labels=batch).loss.backward()
+        hf.requires_grad_(False)
+        hf.model.embed_tokens.weight.requires_grad_(True)
+        hf(input_ids=batch, labels=batch).loss.backward()
+        grad = model.client.embed_tokens.weight.grad
+        assert grad is not None and grad.abs().sum() > 0
+        torch.testing.assert_close(grad, hf.model.embed_tokens.weight.grad, atol=1e-4, rtol=0)
+
+    with _client(setup, tuning_mode="deep_ptune", pre_seq_len=2) as model:
+        with torch.no_grad():
+            for p in model.prompts.parameters():
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(9))
+        model.prompts.save_pretrained(str(tmp_path / "prompts"))
+        trained = model(input_ids=ids).logits
+    with _client(setup, tuning_mode="deep_ptune", pre_seq_len=2) as model:
+        assert not torch.allclose(model(input_ids=ids).logits, trained, atol=1e-4)
+        model.prompts.load_pretrained(str(tmp_path / "prompts"))
+        torch.testing.assert_close(model(input_ids=ids).logits, trained, atol=1e-5, rtol=0)
+    with (
+        _client(setup, tuning_mode="ptune", pre_seq_len=2) as model,
+        pytest.raises(ValueError, match="use the same tuning_mode"),
+    ):
+        model.prompts.load_pretrained(str(tmp_path / "prompts"))

@@ -60,6 +60,13 @@ def test_round_trip_minimal_and_full() -> None:
     assert parse_record(json.dumps(dumped).encode()) == full
 
 
+def test_capabilities_round_trip_and_default_to_unannounced() -> None:
+    full = parse_record(raw() | {"fingerprint": "0123abcd.ffee", "max_batch_tokens": 2048})
+    assert full is not None and full.fingerprint == "0123abcd.ffee" and full.max_batch_tokens == 2048
+    old = parse_record(raw())  # an older server's record: nothing announced, accepted by every requirement
+    assert old is not None and old.fingerprint is None and old.max_batch_tokens == 0
+
+
 def test_record_to_dht_is_compact() -> None:
     dumped = record_to_dht(make_record())
     assert "public_name" not in dumped and "adapters" not in dumped and "next_pings" not in dumped
@@ -102,6 +109,9 @@ def test_extra_unknown_fields_are_accepted() -> None:
         lambda r: r | {"next_pings": {f"peer{i}": 0.1 for i in range(1000)}},
         lambda r: r | {"next_pings": {"peer": -0.1}},
         lambda r: r | {"next_pings": {"peer": "fast"}},
+        lambda r: r | {"fingerprint": "not-hex.zz"},
+        lambda r: r | {"fingerprint": "ab" * 100 + ".cd"},  # huge
+        lambda r: r | {"max_batch_tokens": -1},
         lambda r: {k: v for k, v in r.items() if k != "throughput"},  # missing required field
     ],
 )

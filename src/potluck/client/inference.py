@@ -169,7 +169,10 @@ class RemoteInferenceSession:
             reader, writer = await self.view.open_stream(
                 hop.peer_id, PROTOCOL_INFERENCE, timeout=cfg.connect_timeout
             )
-            tuning, tuning_tensors = self.tuning.for_hop(hop)
+        except CONNECTION_ERRORS as e:
+            raise failure_from_exception(hop.peer_id, e, "opening a session") from e
+        tuning, tuning_tensors = self.tuning.for_hop(hop)
+        try:
             async with asyncio.timeout(cfg.connect_timeout + cfg.alloc_timeout):
                 await write_message(
                     writer,
@@ -187,6 +190,7 @@ class RemoteInferenceSession:
                 )
                 msg, _ = await read_message(reader)
         except CONNECTION_ERRORS as e:
+            writer.close()
             raise failure_from_exception(hop.peer_id, e, "opening a session") from e
         if isinstance(msg, ErrorReply):
             writer.close()
