@@ -43,9 +43,8 @@ from potluck.swarm.signing import (
 )
 
 HELLO_MAGIC = b"PLKE"
-MAX_RECORD_PLAINTEXT = (
-    1 << 18
-)  # 256 KiB: big enough that a 1 MiB chunk is 4 AEAD calls, small enough to bound
+# 256 KiB: a 1 MiB payload chunk is 4 AEAD calls, and one record bounds what a reader buffers
+MAX_RECORD_PLAINTEXT = 1 << 18
 _TAG = 16
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
@@ -124,9 +123,13 @@ class SecureReader:
         nonce = b"\x00\x00\x00\x00" + self._counter.to_bytes(8, "big")
         self._counter += 1
         try:
-            self._buf += self._aead.decrypt(nonce, sealed, None)
+            plain = self._aead.decrypt(nonce, sealed, None)
         except InvalidTag:
             raise ConnectionError("direct path: record failed authentication") from None
+        if self._buf:
+            self._buf += plain
+        else:
+            self._buf = bytearray(plain)  # one copy, not an append to an empty buffer plus a slice later
         return True
 
     async def readexactly(self, n: int) -> bytes:
@@ -135,7 +138,11 @@ class SecureReader:
                 partial = bytes(self._buf)
                 self._buf.clear()
                 raise asyncio.IncompleteReadError(partial, n)
-        out = bytes(self._buf[:n])
+        if len(self._buf) == n:  # common: a payload chunk that ends a record
+            out, self._buf = bytes(self._buf), bytearray()
+            return out
+        with memoryview(self._buf) as view:
+            out = bytes(view[:n])
         del self._buf[:n]
         return out
 
