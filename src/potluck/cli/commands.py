@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -48,6 +49,8 @@ def bootstrap(args: argparse.Namespace) -> int:
 
 
 def _resolve_device(requested: str | None) -> str:
+    if requested == "cpu":
+        return requested  # no torch import needed to know that
     import torch
 
     if requested is None:
@@ -61,11 +64,23 @@ def _resolve_device(requested: str | None) -> str:
     return requested
 
 
-def _check_span_fits(args: argparse.Namespace, model: str) -> None:
-    """--blocks / --num-blocks against the model's depth, before any network or weights."""
+def _model_depth(model: str, args: argparse.Namespace) -> int:
+    """Number of blocks; a local config.json is read directly (importing transformers takes seconds)."""
+    config_path = os.path.join(model, "config.json")
+    if os.path.isfile(config_path):
+        with open(config_path) as f:
+            raw = json.load(f)
+        for key in ("num_hidden_layers", "n_layer"):  # n_layer: BLOOM
+            if isinstance(raw.get(key), int):
+                return int(raw[key])
     from potluck.models import load_config
 
-    num_blocks = int(load_config(model, revision=args.revision, token=args.token).num_hidden_layers)
+    return int(load_config(model, revision=args.revision, token=args.token).num_hidden_layers)
+
+
+def _check_span_fits(args: argparse.Namespace, model: str) -> None:
+    """--blocks / --num-blocks against the model's depth, before any network or weights."""
+    num_blocks = _model_depth(model, args)
     if args.blocks is not None and args.blocks[1] > num_blocks:
         start, end = args.blocks
         raise UsageError(
@@ -90,10 +105,10 @@ def serve(args: argparse.Namespace) -> int:
         warn(
             "--dtype float16 on CPU is slow (most CPUs have no fp16 matmul kernels): prefer float32 or bfloat16"
         )
+    _check_span_fits(args, model)
     check_port_free(args.host, args.port, "--port")
     if config.direct_port:
         check_port_free(args.host, config.direct_port, "--direct-port")
-    _check_span_fits(args, model)
 
     from potluck.server.server import run_server
 
@@ -203,10 +218,13 @@ def _explain_missing_blocks(error: Exception, prefix: str, waited: float) -> Exc
 
 
 def status(args: argparse.Namespace) -> int:
-    from potluck.cli.checks import check_maddrs
+    from potluck.cli.checks import check_maddrs, check_model, looks_like_local_path
+
+    if args.model is not None and (looks_like_local_path(args.model) or os.path.isdir(args.model)):
+        check_model(args.model)  # a DHT name or hub id needs no download: the swarm says how deep it is
+    check_maddrs("--initial-peers", args.initial_peers, need_peer_id=True)
     from potluck.cli.status import gather_models, gather_status, render_models, render_status
 
-    check_maddrs("--initial-peers", args.initial_peers, need_peer_id=True)
     if args.model is None and args.model_prefix is None:
         models = gather_models(tuple(args.initial_peers), args.host)
         print(json.dumps(models, indent=2) if args.json else render_models(models))
@@ -219,9 +237,8 @@ def status(args: argparse.Namespace) -> int:
 
 
 def finetune(args: argparse.Namespace) -> int:
-    from potluck.cli.finetune import run_finetune
-
     args.model = _check_client_args(args)
+    from potluck.cli.finetune import run_finetune
 
     return run_finetune(args)
 
