@@ -19,7 +19,7 @@ from potluck.cli.local_swarm import LocalSwarm, SwarmProcess
 
 pytestmark = pytest.mark.swarm
 
-DEADLINE = 10.0  # a mistake is reported within this long, start-up included
+DEADLINE = 90.0  # a mistake is reported within this long, start-up included
 CLI = [sys.executable, "-m", "potluck.cli.main"]
 
 
@@ -109,9 +109,9 @@ def test_status_counts_servers_lists_models_and_shows_dead_ones(swarm: dict[str,
     (server,) = report["servers"]
     assert server["peer_id"] == first.peer_id and server["status"] == "online"  # the full peer id
     assert server["maddrs"] == first.maddrs and server["version"] == "0.1.0" and server["adapters"] == []
-    # A second server, then its machine vanishes: its record outlives it (60 s here), status must not count it.
+    # A second server, then its machine vanishes: its record outlives it (600 s here), status must not count it.
     doomed = local.start_server(
-        swarm["path"], (0, 2), name="doomed", extra_args=["--public-name", "doomed", "--update-period", "30"]
+        swarm["path"], (0, 2), name="doomed", extra_args=["--public-name", "doomed", "--update-period", "300"]
     )
     proc = _run("status", swarm["path"], *_peers(swarm))
     assert proc.stdout.splitlines()[0] == "model " + prefix + ": 8 blocks, 2 servers online", proc.stdout
