@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-DEADLINE = 90.0  # seconds from start to exit, Python start-up and imports included
+DEADLINE = 10.0  # seconds from start to exit, Python start-up and imports included
 PEER_ID = "12D3KooWQ5Zz5r1mQ1FhJzW3r9JvS9X3b8Y7Uu3k6Nq3T4ZGd9nE"
 
 

@@ -19,7 +19,7 @@ from potluck.cli.local_swarm import LocalSwarm, SwarmProcess
 
 pytestmark = pytest.mark.swarm
 
-DEADLINE = 90.0  # a mistake is reported within this long, start-up included
+DEADLINE = 10.0  # a mistake is reported within this long, start-up included
 CLI = [sys.executable, "-m", "potluck.cli.main"]
 
 
