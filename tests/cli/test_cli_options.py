@@ -202,3 +202,14 @@ def test_models_listing_and_model_records() -> None:
     assert parse_model_record({"num_blocks": 8, "name": "org/x"}) == ModelRecord(num_blocks=8, name="org/x")
     for bad in ({"num_blocks": 0}, {"num_blocks": "8"}, {"name": "x"}, "junk", None, {"num_blocks": 10**9}):
         assert parse_model_record(bad) is None
+
+
+def test_what_counts_as_a_local_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from potluck.cli.checks import looks_like_local_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    for path in ("/abs/x", "./x", "../x", "~/x", "a/b/c", "models/llama"):
+        assert looks_like_local_path(path), path
+    for hub_id in ("gpt2", "meta-llama/Llama-3.1-8B", "nothere/llama"):
+        assert not looks_like_local_path(hub_id), hub_id
