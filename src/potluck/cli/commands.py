@@ -7,15 +7,21 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import time
 from typing import Any
 
+from potluck.cli.errors import CommandError, UsageError, warn
+
 logger = logging.getLogger("potluck")
 
 
 def bootstrap(args: argparse.Namespace) -> int:
+    from potluck.cli.checks import check_port_free
+
+    check_port_free(args.host, args.port, "--port")
     from potluck.swarm import aio
     from potluck.swarm.transport import NodeOptions, SwarmNode
 
@@ -44,58 +50,75 @@ def bootstrap(args: argparse.Namespace) -> int:
     return 0
 
 
-def serve(args: argparse.Namespace) -> int:
+def _resolve_device(requested: str | None) -> str:
+    if requested == "cpu":
+        return requested  # no torch import needed to know that
     import torch
 
-    from potluck.server.config import ServerConfig
-    from potluck.server.server import run_server
-    from potluck.swarm.transport import NodeOptions
+    if requested is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {requested}: CUDA is not available here; pass --device cpu")
+    try:
+        torch.device(requested)
+    except RuntimeError:
+        raise UsageError(f"--device {requested!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    return requested
 
-    if args.blocks is None and args.num_blocks is None:
-        print("error: pass --blocks A:B (or --num-blocks N for automatic placement)", file=sys.stderr)
-        return 2
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    config = ServerConfig(
-        model=args.model,
-        blocks=args.blocks,
-        num_blocks=args.num_blocks,
-        node=NodeOptions(
-            initial_peers=tuple(args.initial_peers),
-            host=args.host or "0.0.0.0",
-            port=args.port,
-            announce_maddrs=tuple(args.announce_maddrs),
-            identity_path=args.identity,
-            swarm_key_path=args.swarm_key,
-        ),
-        model_prefix=args.model_prefix,
-        device=device,
-        dtype=args.dtype,
-        revision=args.revision,
-        token=args.token,
-        public_name=args.public_name,
-        cache_tokens=args.cache_tokens,
-        max_inference_length=args.max_inference_length,
-        max_batch_tokens=args.max_batch_tokens,
-        step_timeout=args.step_timeout,
-        update_period=args.update_period,
-        expiration=max(2 * args.update_period, 3.0),
-        throughput=args.throughput,
-        bandwidth_mbps=args.bandwidth_mbps,
-        direct_port=None if args.no_direct else args.direct_port,
-        balance_quality=args.balance_quality,
-        balance_check_period=args.balance_check_period,
-        start_delay_max=args.start_delay_max,
-        adapters=tuple(args.adapters),
-        inflight_frame_bytes=args.inflight_frame_bytes,
-        activation_bytes=args.activation_bytes,
-    )
+
+def _model_depth(model: str, args: argparse.Namespace) -> int:
+    """Number of blocks; a local config.json is read directly (importing transformers takes seconds)."""
+    config_path = os.path.join(model, "config.json")
+    if os.path.isfile(config_path):
+        with open(config_path) as f:
+            raw = json.load(f)
+        for key in ("num_hidden_layers", "n_layer"):  # n_layer: BLOOM
+            if isinstance(raw.get(key), int):
+                return int(raw[key])
+    from potluck.models import load_config
+
+    return int(load_config(model, revision=args.revision, token=args.token).num_hidden_layers)
+
+
+def _check_span_fits(args: argparse.Namespace, model: str) -> None:
+    """--blocks / --num-blocks against the model's depth, before any network or weights."""
+    num_blocks = _model_depth(model, args)
+    if args.blocks is not None and args.blocks[1] > num_blocks:
+        start, end = args.blocks
+        raise UsageError(
+            f"--blocks {start}:{end} is outside the model's {num_blocks} blocks: pass a range within 0:{num_blocks}"
+        )
+    if args.num_blocks is not None and args.num_blocks > num_blocks:
+        raise UsageError(f"--num-blocks {args.num_blocks} exceeds the model's {num_blocks} blocks")
+
+
+def serve(args: argparse.Namespace) -> int:
+    from potluck.cli.checks import check_maddrs, check_model, check_port_free
+    from potluck.cli.serve_options import check_serve_flags, server_config_from_args
+
+    # Order: what costs nothing first (flags, paths), then what imports hivemind/torch, then the network.
+    check_serve_flags(args)
+    model = check_model(args.model, revision=args.revision, token=args.token)
+    check_maddrs("--initial-peers", args.initial_peers, need_peer_id=True)
+    check_maddrs("--announce-maddrs", args.announce_maddrs, need_peer_id=False)
+    device = _resolve_device(args.device)
+    config = server_config_from_args(args, model=model, device=device)
+    if args.dtype == "float16" and device == "cpu":
+        warn(
+            "--dtype float16 on CPU is slow (most CPUs have no fp16 matmul kernels): prefer float32 or bfloat16"
+        )
+    _check_span_fits(args, model)
+    check_port_free(args.host, args.port, "--port")
+    if config.direct_port:
+        check_port_free(args.host, config.direct_port, "--direct-port")
+
+    from potluck.server.server import run_server
+
     return run_server(config)
 
 
 def _client_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"initial_peers": tuple(args.initial_peers)}
-    if args.host:
-        kwargs["host"] = args.host
+    kwargs: dict[str, Any] = {"initial_peers": tuple(args.initial_peers), "host": args.host}
     if getattr(args, "swarm_key", None):
         kwargs["swarm_key_file"] = args.swarm_key
     if getattr(args, "model_prefix", None):
@@ -103,30 +126,78 @@ def _client_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return kwargs
 
 
+def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``generate``'s sampling flags as ``model.generate`` keywords; flags left out keep the HF defaults.
+
+    Raises ``UsageError`` for values that can never work; warns (one line each) about flags that have no effect.
+    """
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    kwargs: dict[str, Any] = {"do_sample": bool(args.do_sample)}
+    given = {
+        name: getattr(args, name)
+        for name in ("temperature", "top_k", "top_p", "seed")
+        if getattr(args, name) is not None
+    }
+    if not args.do_sample:
+        for name in given:
+            flag = "--" + name.replace("_", "-")
+            warn(f"{flag} has no effect without --do-sample (decoding is greedy); add --do-sample to sample")
+        given = {}
+    if "temperature" in given and given["temperature"] <= 0:
+        raise UsageError(
+            f"--temperature must be > 0, got {given['temperature']} (for greedy decoding drop --do-sample)"
+        )
+    if "top_p" in given and not 0 < given["top_p"] <= 1:
+        raise UsageError(f"--top-p must be in (0, 1], got {given['top_p']}")
+    if "top_k" in given and given["top_k"] < 0:
+        raise UsageError(f"--top-k must be >= 0, got {given['top_k']}")
+    given.pop("seed", None)
+    kwargs.update(given)
+    if args.repetition_penalty is not None:
+        if args.repetition_penalty <= 0:
+            raise UsageError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
+        kwargs["repetition_penalty"] = args.repetition_penalty
+    return kwargs
+
+
+def _check_client_args(args: argparse.Namespace) -> str:
+    from potluck.cli.checks import check_maddrs, check_model
+
+    model = check_model(args.model)
+    check_maddrs("--initial-peers", args.initial_peers, need_peer_id=True)
+    return model
+
+
 def generate(args: argparse.Namespace) -> int:
+    if not args.prompt.strip():
+        raise UsageError('--prompt is empty: pass the text to continue, e.g. --prompt "Once upon a time"')
+    sampling = sampling_kwargs(args)
+    if args.wait_for_servers < 0:
+        raise UsageError(f"--wait-for-servers must be >= 0, got {args.wait_for_servers}")
+    model_path = _check_client_args(args)
+
     import torch
     from transformers import TextStreamer
 
     from potluck import AutoDistributedModelForCausalLM
 
-    model = AutoDistributedModelForCausalLM.from_pretrained(args.model, **_client_kwargs(args))
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        model_path, wait_for_servers=args.wait_for_servers, **_client_kwargs(args)
+    )
     try:
         if model.tokenizer is None:
-            print(
-                "error: the checkpoint has no tokenizer; use the Python API with token ids", file=sys.stderr
-            )
-            return 2
+            raise UsageError(f"{args.model} has no tokenizer: use the Python API with token ids")
         input_ids = model.tokenizer(args.prompt, return_tensors="pt").input_ids
         if args.seed is not None:
             torch.manual_seed(args.seed)
-        sampling: dict[str, Any] = {"do_sample": args.do_sample}
-        if args.do_sample:
-            sampling.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-        if args.repetition_penalty:
-            sampling["repetition_penalty"] = args.repetition_penalty
         streamer = TextStreamer(model.tokenizer)
+        logger.info("joined the swarm; generating %d tokens", args.max_new_tokens)
         t0 = time.perf_counter()
-        out = model.generate(input_ids, max_new_tokens=args.max_new_tokens, streamer=streamer, **sampling)
+        try:
+            out = model.generate(input_ids, max_new_tokens=args.max_new_tokens, streamer=streamer, **sampling)
+        except Exception as e:
+            raise _explain_missing_blocks(e, model.view.model_prefix, args.wait_for_servers) from e
         dt = time.perf_counter() - t0
         new = out.shape[1] - input_ids.shape[1]
         print(f"\n[{new} tokens in {dt:.2f}s, {new / max(dt, 1e-9):.1f} tokens/s]", file=sys.stderr)
@@ -135,20 +206,47 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def status(args: argparse.Namespace) -> int:
-    from potluck.cli.status import gather_status, render_status
+def _explain_missing_blocks(error: Exception, prefix: str, waited: float) -> Exception:
+    """A MissingBlocksError anywhere in the chain becomes: which blocks, how long we waited, what to do."""
+    from potluck.swarm.routing import MissingBlocksError, format_block_ranges
 
-    report = gather_status(
-        args.model, tuple(args.initial_peers), args.model_prefix, args.host, args.swarm_key
+    seen: BaseException | None = error
+    while seen is not None and not isinstance(seen, MissingBlocksError):
+        seen = seen.__cause__ or seen.__context__
+    if seen is None:
+        return error
+    return CommandError(
+        f"no server serves blocks {format_block_ranges(seen.missing)} of {prefix} (waited {waited:g}s for one "
+        f"to join): start one with `potluck serve MODEL --blocks A:B --initial-peers ...`, or raise --wait-for-servers"
     )
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print(render_status(report))
+
+
+def status(args: argparse.Namespace) -> int:
+    from potluck.cli.checks import check_maddrs, check_model, looks_like_local_path
+
+    if args.model is not None and (looks_like_local_path(args.model) or os.path.isdir(args.model)):
+        check_model(args.model)  # a DHT name or hub id needs no download: the swarm says how deep it is
+    check_maddrs("--initial-peers", args.initial_peers, need_peer_id=True)
+    from potluck.cli.status import gather_models, gather_status, render_models, render_status
+
+    if args.model is None and args.model_prefix is None:
+        models = gather_models(tuple(args.initial_peers), args.host, swarm_key=args.swarm_key)
+        print(json.dumps(models, indent=2) if args.json else render_models(models))
+        return 0
+    report = gather_status(
+        args.model,
+        tuple(args.initial_peers),
+        args.model_prefix,
+        args.host,
+        probe_timeout=args.probe_timeout,
+        swarm_key=args.swarm_key,
+    )
+    print(json.dumps(report, indent=2) if args.json else render_status(report))
     return 0 if not report["missing_blocks"] else 1
 
 
 def finetune(args: argparse.Namespace) -> int:
+    args.model = _check_client_args(args)
     from potluck.cli.finetune import run_finetune
 
     return run_finetune(args)

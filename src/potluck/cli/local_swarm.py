@@ -130,6 +130,17 @@ class LocalSwarm:
             self.wait_ready([proc], timeout)
         return proc
 
+    def start_first_server(
+        self, model: str, *, name: str | None = None, extra_args: Sequence[str] = (), timeout: float = 120.0
+    ) -> SwarmProcess:
+        """``potluck serve MODEL --new-swarm``: the swarm's first peer, no bootstrap; later peers join through it."""
+        args = ["serve", model, "--host", self.host, "--new-swarm", *extra_args]
+        proc = self._spawn(name or f"server{len(self.processes)}", args)
+        self.wait_ready([proc], timeout)
+        if not self.initial_peers:
+            self.initial_peers = proc.maddrs
+        return proc
+
     def wait_ready(self, procs: Sequence[SwarmProcess], timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
         for proc in procs:

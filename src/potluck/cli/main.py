@@ -7,147 +7,176 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any, NoReturn
+
+import configargparse
 
 from potluck import __version__
+from potluck.cli.errors import EXIT_INTERRUPTED, EXIT_USAGE, one_line, report
+from potluck.cli.serve_options import ENV_PREFIX, add_serve_arguments
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
-def _blocks(text: str) -> tuple[int, int]:
-    try:
-        a, b = text.split(":")
-        return int(a), int(b)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected START:END (e.g. 0:4), got {text!r}") from None
+class HelpFormatter(configargparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none (the help text then says what happens)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
 
 
-def _add_network(p: argparse.ArgumentParser, *, peers_required: bool) -> None:
+class PotluckParser(configargparse.ArgumentParser):
+    """argparse with defaults in ``--help`` and usage errors as one line (exit 2); subcommands share it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {one_line(message)} (see `{self.prog} --help`)\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+def _add_network(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--initial-peers",
         nargs="+",
-        required=peers_required,
+        required=True,
         default=[],
         metavar="MADDR",
-        help="multiaddrs of swarm peers, as printed by `potluck bootstrap` (/ip4/.../tcp/.../p2p/...)",
+        help="multiaddrs of swarm peers, as a running peer prints them (/ip4/.../tcp/.../p2p/...)",
     )
-    p.add_argument(
-        "--host", default=None, help="interface to listen on (default 0.0.0.0; 127.0.0.1 for loopback)"
-    )
+    p.add_argument("--host", default="127.0.0.1", help="interface for this client's own p2pd")
     p.add_argument(
         "--swarm-key",
         default=None,
         metavar="FILE",
-        help="private swarm: file with the secret all its peers share",
+        help="private swarm: file with the secret all its peers share (default: an open swarm)",
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> PotluckParser:
+    parser = PotluckParser(
         prog="potluck", description="Run and fine-tune large language models on a swarm of ordinary machines."
     )
     parser.add_argument("--version", action="version", version=f"potluck {__version__}")
     parser.add_argument(
-        "--log-level", default=os.environ.get("POTLUCK_LOG_LEVEL", "INFO"), help="DEBUG, INFO, ..."
+        "--log-level",
+        default=os.environ.get("POTLUCK_LOG_LEVEL", "INFO"),
+        choices=LOG_LEVELS,
+        type=str.upper,
+        help="DEBUG also prints tracebacks of errors (env: POTLUCK_LOG_LEVEL)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("bootstrap", help="run a DHT-only peer that others join through")
     p.add_argument("--host", default="0.0.0.0", help="interface to listen on")
     p.add_argument("--port", type=int, default=0, help="TCP port (0: any free port)")
-    p.add_argument("--identity", default=None, metavar="FILE", help="private key file for a fixed peer id")
+    p.add_argument(
+        "--identity",
+        default=None,
+        metavar="FILE",
+        help="private key file for a fixed peer id (default: a new id)",
+    )
     p.add_argument(
         "--swarm-key",
         default=None,
         metavar="FILE",
-        help="private swarm: file with the secret all its peers share",
+        help="private swarm: file with the secret all its peers share (default: an open swarm)",
     )
 
-    p = sub.add_parser("serve", help="serve a span of a model's blocks to the swarm")
-    p.add_argument("model", help="HF hub name or local checkpoint directory (safetensors)")
-    p.add_argument("--blocks", type=_blocks, default=None, metavar="A:B", help="serve blocks A..B-1")
-    p.add_argument(
-        "--num-blocks", type=int, default=None, help="serve this many blocks, placed automatically"
+    p = sub.add_parser(
+        "serve",
+        help="serve a span of a model's blocks to the swarm",
+        description="Serve a span of a model's blocks. Every option can also be set as an environment variable "
+        f"({ENV_PREFIX}OPTION_NAME, e.g. {ENV_PREFIX}CACHE_TOKENS=8192) or in a --config file.",
+        auto_env_var_prefix=ENV_PREFIX,
+        args_for_setting_config_path=[],
     )
-    _add_network(p, peers_required=True)
-    p.add_argument("--port", type=int, default=0, help="TCP port to listen on (0: any free port)")
-    p.add_argument(
-        "--announce-maddrs", nargs="*", default=[], help="addresses others should dial, if different"
-    )
-    p.add_argument("--identity", default=None, metavar="FILE", help="private key file for a fixed peer id")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--public-name", default=None, help="a name shown by `potluck status`")
-    p.add_argument("--cache-tokens", type=int, default=16384, help="KV-cache budget in batch*tokens")
-    p.add_argument("--max-inference-length", type=int, default=8192, help="largest max_length of one session")
-    p.add_argument("--max-batch-tokens", type=int, default=16384, help="largest batch*tokens of one request")
-    p.add_argument("--model-prefix", default=None, help="DHT name of the model (default: from MODEL)")
-    p.add_argument("--step-timeout", type=float, default=300.0, help="close sessions idle this long (s)")
-    p.add_argument("--update-period", type=float, default=15.0, help="re-announce records this often (s)")
-    p.add_argument(
-        "--throughput", type=float, default=None, help="announced tokens/s per block (default: measure)"
-    )
-    p.add_argument("--adapters", nargs="*", default=[], metavar="DIR", help="PEFT LoRA adapters to preload")
-    p.add_argument(
-        "--inflight-frame-bytes", type=int, default=2 << 30, help="bytes of incoming frames buffered at once"
-    )
-    p.add_argument(
-        "--activation-bytes", type=int, default=2 << 30, help="bytes of training graphs kept for backward"
-    )
-    p.add_argument(
-        "--direct-port", type=int, default=0, help="port of the plain-TCP data path (0: any free port)"
-    )
-    p.add_argument(
-        "--no-direct", action="store_true", help="serve over libp2p only (encrypted; slower on busy hosts)"
-    )
-    p.add_argument(
-        "--bandwidth-mbps", type=float, default=100.0, help="network bandwidth, for the announced throughput"
-    )
-    p.add_argument(
-        "--balance-quality", type=float, default=0.75,
-        help="with automatic placement, move when the swarm's throughput would grow past 1/this (0: never move)",
-    )  # fmt: skip
-    p.add_argument(
-        "--balance-check-period", type=float, default=60.0, help="seconds between rebalancing checks"
-    )
-    p.add_argument(
-        "--start-delay-max", type=float, default=5.0, help="random delay before choosing blocks (s)"
-    )
-    p.add_argument("--revision", default=None, help="hub revision")
-    p.add_argument("--token", default=None, help="hub token for gated models")
+    add_serve_arguments(p)
 
     p = sub.add_parser("generate", help="generate text with a model served by the swarm")
-    p.add_argument("model", help="HF hub name or local checkpoint directory (for the client parts)")
-    _add_network(p, peers_required=True)
-    p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument(
+        "model", help="HF hub id or local checkpoint directory (for the client parts and tokenizer)"
+    )
+    _add_network(p)
+    p.add_argument("--prompt", required=True, help="text to continue (not empty)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="how many tokens to generate at most")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
-    p.add_argument("--model-prefix", default=None, help="DHT name of the model (default: from MODEL)")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="with --do-sample: sampling temperature (default: 1.0)",
+    )
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=None,
+        help="with --do-sample: keep the k likeliest tokens (default: 50; 0: all)",
+    )
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=None,
+        help="with --do-sample: nucleus sampling mass (default: 1.0, off)",
+    )
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=None,
+        help="penalise repeated tokens, e.g. 1.2 (default: off)",
+    )
+    p.add_argument("--seed", type=int, default=None, help="with --do-sample: seed for reproducible sampling")
+    p.add_argument("--model-prefix", default=None, help="DHT name of the model (default: derived from MODEL)")
+    p.add_argument(
+        "--wait-for-servers",
+        type=float,
+        default=60.0,
+        help="when blocks have no server, wait this long for one to join before failing (s)",
+    )
 
-    p = sub.add_parser("status", help="show which servers hold each block")
-    p.add_argument("model", help="HF hub name or local checkpoint directory")
-    _add_network(p, peers_required=True)
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--model-prefix", default=None, help="DHT name of the model (default: from MODEL)")
+    p = sub.add_parser(
+        "status",
+        help="show the models a swarm serves, or which servers hold each block of one model",
+        description="Without MODEL: list the models the swarm serves. With MODEL: each server of it (span, state, "
+        "throughput, version, adapters, addresses; servers that stopped answering are shown as dead) and the "
+        "blocks nobody serves. Exit code 1 if some block has no server.",
+    )
+    p.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="hub id, checkpoint directory or DHT name (default: list all models)",
+    )
+    _add_network(p)
+    p.add_argument("--json", action="store_true", help="print JSON (full peer ids)")
+    p.add_argument("--model-prefix", default=None, help="DHT name of the model (default: derived from MODEL)")
+    p.add_argument(
+        "--probe-timeout",
+        type=float,
+        default=3.0,
+        help="a server that does not answer within this long is dead (s)",
+    )
 
     p = sub.add_parser("finetune", help="train a soft prompt or LoRA adapters against a running swarm")
-    p.add_argument("model", help="HF hub name or local checkpoint directory (for the client parts)")
-    _add_network(p, peers_required=True)
+    p.add_argument("model", help="HF hub id or local checkpoint directory (for the client parts)")
+    _add_network(p)
     p.add_argument("--mode", choices=["ptune", "deep_ptune", "lora"], default="lora", help="what to train")
     p.add_argument("--pre-seq-len", type=int, default=8, help="soft-prompt length (ptune, deep_ptune)")
-    p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--lora-rank", type=int, default=8, help="rank of the LoRA adapters (lora)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scaling numerator (lora)")
     p.add_argument("--lora-targets", nargs="*", default=[], help="projections to adapt (default: q and v)")
     p.add_argument(
         "--data", default=None, help="a text file, one example per line (default: a tiny built-in task)"
     )
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=30, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per step")
+    p.add_argument("--seq-len", type=int, default=32, help="tokens per sequence")
+    p.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate")
+    p.add_argument("--seed", type=int, default=0, help="seed for initialisation and batches")
     p.add_argument("--save", default=None, metavar="DIR", help="write the trained adapters / prompts here")
     p.add_argument("--json", action="store_true", help="also print the losses as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -162,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default=None, help="checkpoint to serve (default: a small Llama made on first run)"
     )
     p.add_argument("--prompt", default="The swarm is", help="prompt text")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate")
     p.add_argument("--no-failover", action="store_true", help="skip killing a server mid-generation")
 
     p = sub.add_parser("bench", help="benchmarks that print JSON")
@@ -173,8 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default=None, help="checkpoint (default: the standard bench model, made on demand)"
     )
     b.add_argument("--servers", type=int, default=2, help="number of servers splitting the blocks evenly")
-    b.add_argument("--prompt-tokens", type=int, default=128)
-    b.add_argument("--new-tokens", type=int, default=64)
+    b.add_argument("--prompt-tokens", type=int, default=128, help="prompt length")
+    b.add_argument("--new-tokens", type=int, default=64, help="tokens to generate")
     b.add_argument(
         "--link-delay-ms",
         type=float,
@@ -184,17 +213,22 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--link-mbps", type=float, default=0.0, help="emulated uplink rate per process (0: unlimited)"
     )
-    b.add_argument("--compression", default="none", choices=["none", "fp16", "bf16", "int8"])
+    b.add_argument(
+        "--compression",
+        default="none",
+        choices=["none", "fp16", "bf16", "int8"],
+        help="hidden-state compression",
+    )
     b.add_argument("--no-direct", action="store_true", help="client uses libp2p only (no direct TCP path)")
     b.add_argument("--replicas", type=int, default=1, help="servers per span (>1 lets verification run)")
     b.add_argument("--verify-fraction", type=float, default=0.05, help="client's verify_fraction")
     b = bench.add_parser("train", help="forward+backward step through a loopback swarm vs local")
     b.add_argument("--json", action="store_true", help="print only the JSON result")
     b.add_argument("--model", default=None, help="checkpoint (default: the standard bench model)")
-    b.add_argument("--servers", type=int, default=2)
-    b.add_argument("--batch", type=int, default=4)
-    b.add_argument("--seq-len", type=int, default=128)
-    b.add_argument("--steps", type=int, default=3)
+    b.add_argument("--servers", type=int, default=2, help="number of servers splitting the blocks evenly")
+    b.add_argument("--batch", type=int, default=4, help="sequences per step")
+    b.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+    b.add_argument("--steps", type=int, default=3, help="measured steps")
     b = bench.add_parser("channel", help="cost of the encrypted direct path per hop vs plain TCP")
     b.add_argument("--json", action="store_true", help="print only the JSON result")
     b.add_argument("--tokens", type=int, default=1, help="tokens per message (1: a decode step)")
@@ -203,8 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = bench.add_parser("failover", help="time from a server's death to the next token")
     b.add_argument("--json", action="store_true", help="print only the JSON result")
     b.add_argument("--model", default=None, help="checkpoint (default: the standard bench model)")
-    b.add_argument("--prompt-tokens", type=int, default=128)
-    b.add_argument("--new-tokens", type=int, default=40)
+    b.add_argument("--prompt-tokens", type=int, default=128, help="prompt length")
+    b.add_argument("--new-tokens", type=int, default=40, help="tokens to generate")
     b.add_argument("--kill-after", type=int, default=10, help="kill a server after this many new tokens")
     return parser
 
@@ -220,6 +254,17 @@ def _setup_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _log_level_everywhere(parser: argparse.ArgumentParser) -> None:
+    """``--log-level`` also after the subcommand (``potluck serve ... --log-level DEBUG``)."""
+    for action in parser._subparsers._group_actions if parser._subparsers else []:  # noqa: SLF001
+        for name, sub in getattr(action, "choices", {}).items():
+            if name != "simulate":
+                sub.add_argument(
+                    "--log-level", default=argparse.SUPPRESS, choices=LOG_LEVELS, type=str.upper,
+                    help="DEBUG also prints tracebacks of errors (default: INFO)",
+                )  # fmt: skip
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # Several potluck processes often share a machine's cores (a server beside a client, a local swarm); OpenMP
     # threads that spin-wait between parallel regions then steal cycles from whichever process is computing.
@@ -230,24 +275,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         from potluck.swarm.simulator import simulate_main
 
         return simulate_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    _log_level_everywhere(parser)
+    args = parser.parse_args(argv)
     _setup_logging(args.log_level)
-    from potluck.cli import commands
-
-    handler = {
-        "bootstrap": commands.bootstrap,
-        "serve": commands.serve,
-        "generate": commands.generate,
-        "status": commands.status,
-        "demo": commands.demo,
-        "finetune": commands.finetune,
-        "bench": commands.bench,
-    }[args.command]
+    debug = args.log_level == "DEBUG"
     try:
+        from potluck.cli import commands
+
+        handler = {
+            "bootstrap": commands.bootstrap,
+            "serve": commands.serve,
+            "generate": commands.generate,
+            "status": commands.status,
+            "demo": commands.demo,
+            "finetune": commands.finetune,
+            "bench": commands.bench,
+        }[args.command]
         return int(handler(args) or 0)
     except KeyboardInterrupt:
-        return 130
+        print("potluck: interrupted", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    except Exception as e:
+        return report(e, debug=debug, prog=f"potluck {args.command}")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C while Python was still importing or parsing: no traceback either
+        sys.exit(EXIT_INTERRUPTED)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections import defaultdict
 from collections.abc import Mapping
 
@@ -146,8 +147,12 @@ def load_span(
     token: str | bool | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     config: PretrainedConfig | None = None,
+    progress: bool = False,
 ) -> BlockSpan:
-    """Blocks ``start..end-1`` with weights read from the checkpoint (and nothing else)."""
+    """Blocks ``start..end-1`` with weights read from the checkpoint (and nothing else).
+
+    ``progress``: show a tqdm bar over the blocks on stderr (a server's start-up may take minutes).
+    """
     if config is None:
         config = load_config(name_or_path, revision=revision, token=token, cache_dir=cache_dir)
     family = get_family(config)
@@ -156,12 +161,17 @@ def load_span(
     checkpoint = SafetensorsCheckpoint(name_or_path, revision=revision, token=token, cache_dir=cache_dir)
     with torch.device("meta"):
         span = BlockSpan(spec, family, start, end)
-    wanted = {
-        f"blocks.{local}.{key}": family.block_prefix(start + local) + key
-        for local, block in enumerate(span.blocks)
-        for key in block.state_dict()
-    }
-    tensors = checkpoint.read(wanted, family.base_prefix, dtype, device)
+    tensors: dict[str, torch.Tensor] = {}
+    blocks = list(enumerate(span.blocks))
+    if progress:
+        from tqdm import tqdm
+
+        blocks = tqdm(blocks, desc=f"loading blocks {start}:{end}", unit="block", file=sys.stderr)
+    for local, block in blocks:  # block by block, so the bar moves as the shards are read
+        wanted = {
+            f"blocks.{local}.{key}": family.block_prefix(start + local) + key for key in block.state_dict()
+        }
+        tensors.update(checkpoint.read(wanted, family.base_prefix, dtype, device))
     span.load_state_dict(tensors, strict=True, assign=True)
     return span.eval()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from potluck.swarm.transport import NodeOptions
+from potluck.swarm.node_options import NodeOptions
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import logging
 import os
 import random
 import signal
-import sys
+from typing import Any
 
 import torch
 
@@ -30,7 +30,16 @@ from potluck.swarm.direct import DirectServer
 from potluck.swarm.directory import fetch_snapshot
 from potluck.swarm.limits import raise_file_limit
 from potluck.swarm.placement import choose_span_for, should_move
-from potluck.swarm.records import ServerRecord, block_key, model_prefix_for, record_to_dht
+from potluck.swarm.records import (
+    MAX_ADAPTER_CHARS,
+    MAX_MADDRS,
+    MODELS_KEY,
+    ModelRecord,
+    ServerRecord,
+    block_key,
+    model_prefix_for,
+    record_to_dht,
+)
 from potluck.swarm.records import ServerState as RecordState
 from potluck.swarm.transport import SwarmNode
 from potluck.wire import (
@@ -75,9 +84,14 @@ class Server:
         self.moves = 0
         self._direct_addrs: tuple[str, ...] = ()
         self.fingerprint: str | None = None  # of the checkpoint, announced so clients can detect a mismatch
+        self._maddrs: tuple[str, ...] = ()
+        self._starting: asyncio.Future[Any] | None = None  # joining or loading: cancelled by a stop request
+        self._model_record: dict[str, Any] = {}
 
     def request_stop(self) -> None:
         self._stop.set()
+        if self._starting is not None and not self._starting.done():
+            self._starting.cancel()  # Ctrl-C while joining or loading: stop now, not after going online
 
     # --- main ---------------------------------------------------------------------------------------
 
@@ -98,8 +112,15 @@ class Server:
                 )
             length = end - start
         else:
+            start = None
             length = cfg.num_blocks or size_num_blocks(hf_config, self.dtype, cfg.device, cfg.cache_tokens)
             length = max(1, min(length, self.num_model_blocks))
+        hub_name = (
+            None if os.path.isdir(cfg.model) else cfg.model[:MAX_ADAPTER_CHARS]
+        )  # local paths stay private
+        self._model_record = ModelRecord(num_blocks=self.num_model_blocks, name=hub_name).model_dump(
+            exclude_none=True
+        )
 
         try:
             self.fingerprint = await asyncio.to_thread(
@@ -110,14 +131,28 @@ class Server:
         ) as e:  # e.g. a checkpoint without embeddings: serve, but clients cannot compare
             logger.warning("no checkpoint fingerprint (clients cannot check they run the same model): %s", e)
         logger.debug("file limit: %d", raise_file_limit())  # a descriptor per connection: use what we may
-        self.node = await SwarmNode.create(cfg.node)
+        self._starting = asyncio.ensure_future(self._join(cfg))
+        try:
+            await self._starting
+        except asyncio.CancelledError:
+            if self._stop.is_set():
+                logger.info("stopped before joining the swarm")
+                return
+            raise
+        assert self.node is not None
         runtime = Runtime()
         tasks: list[asyncio.Task[None]] = []
         direct: DirectServer | None = None
         try:
-            if cfg.blocks is None:
-                start = await self._choose_start(length)
-            span = await self._load(start, start + length)
+            self._starting = asyncio.ensure_future(self._choose_and_load(length, start))
+            try:
+                span = await self._starting
+            except asyncio.CancelledError:
+                if self._stop.is_set():
+                    logger.info("stopped while loading blocks")
+                    return
+                raise
+            self._starting = None
             self.state = ServerState(
                 config=cfg,
                 model_prefix=self.model_prefix,
@@ -146,6 +181,7 @@ class Server:
             for protocol, handler in routes.items():
                 await self.node.add_stream_handler(protocol, handler)
             maddrs = await self.node.visible_maddrs()
+            self._maddrs = tuple(maddrs[:MAX_MADDRS])
             if cfg.direct_port is not None:
                 direct = DirectServer(
                     self.node.identity,
@@ -167,6 +203,8 @@ class Server:
                 "online: peer %s serving blocks %d:%d of %s (%.1f tokens/s per block)",
                 self.node.peer_id, span.start, span.end, self.model_prefix, self._throughput["throughput"],
             )  # fmt: skip
+            for maddr in maddrs:
+                logger.info("join this swarm with: --initial-peers %s", maddr)
             # A machine-readable line for launchers (demo, bench, tests) that wait for readiness.
             print(
                 "POTLUCK_READY "
@@ -189,6 +227,16 @@ class Server:
             logger.info("server stopped")
 
     # --- span choice, loading, moving ------------------------------------------------------------------
+
+    async def _join(self, cfg: ServerConfig) -> None:
+        self.node = await SwarmNode.create(cfg.node)
+        if not cfg.node.initial_peers:
+            logger.info("started a new swarm (no initial peers): this server is its first peer")
+
+    async def _choose_and_load(self, length: int, start: int | None) -> BlockSpan:
+        if start is None:
+            start = await self._choose_start(length)
+        return await self._load(start, start + length)
 
     async def _choose_start(self, length: int) -> int:
         """Wait a random moment (servers started together then see each other), then take the weakest window."""
@@ -221,6 +269,7 @@ class Server:
             device=cfg.device,
             revision=cfg.revision,
             token=cfg.token,
+            progress=True,
         )
         span.requires_grad_(False)
         noise = float(os.environ.get(TEST_LIE_ENV, "0") or 0)
@@ -331,15 +380,16 @@ class Server:
             public_name=self.config.public_name,
             adapters=tuple(self.state.adapters) if self.state is not None else (),
             direct_addrs=self._direct_addrs,
+            maddrs=self._maddrs,
             announced_at=SwarmNode.now(),
         )
         value = record_to_dht(record)
         # An offline record lives briefly: enough for clients and placement to notice, then it expires.
         ttl = self.config.expiration if state != "offline" else min(self.config.expiration, 30.0)
-        ok = await self.node.store_many(
-            [(block_key(self.model_prefix, b), self.node.peer_id, value) for b in range(start, end)],
-            expiration_time=SwarmNode.now() + ttl,
-        )
+        items = [(block_key(self.model_prefix, b), self.node.peer_id, value) for b in range(start, end)]
+        if state != "offline":  # so that `potluck status` without a model can list what the swarm serves
+            items.append((MODELS_KEY, self.model_prefix, self._model_record))
+        ok = await self.node.store_many(items, expiration_time=SwarmNode.now() + ttl)
         if not ok:
             logger.debug("some DHT records of blocks %d:%d were not stored on every replica", start, end)
 
@@ -387,13 +437,6 @@ def _version() -> str:
 
 
 def run_server(config: ServerConfig) -> int:
-    """Blocking entry point for ``potluck serve``."""
-    try:
-        aio.run(Server(config).run())
-    except KeyboardInterrupt:
-        pass
-    except Exception as e:
-        logger.error("server failed: %s", e)
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    """Blocking entry point for ``potluck serve``; errors propagate (the command line reports them in one line)."""
+    aio.run(Server(config).run())
     return 0

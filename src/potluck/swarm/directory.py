@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from potluck.swarm.records import SwarmSnapshot, block_key
+from potluck.swarm.records import (
+    MODELS_KEY,
+    ModelRecord,
+    SwarmSnapshot,
+    block_key,
+    is_valid_prefix,
+    parse_model_record,
+)
 from potluck.swarm.transport import SwarmNode
 
 
@@ -14,3 +21,14 @@ async def fetch_snapshot(
     found = await node.get_many(keys, timeout=timeout)
     entries = {b: found.get(key, {}) for b, key in enumerate(keys)}
     return SwarmSnapshot.from_block_entries(model_prefix, num_blocks, entries, now=SwarmNode.now())
+
+
+async def fetch_models(node: SwarmNode, *, timeout: float = 10.0) -> dict[str, ModelRecord]:
+    """The models servers announce under ``MODELS_KEY``: {model prefix: record}, malformed entries dropped."""
+    found = (await node.get_many([MODELS_KEY], timeout=timeout)).get(MODELS_KEY, {})
+    models: dict[str, ModelRecord] = {}
+    for prefix, raw in found.items():
+        record = parse_model_record(raw)
+        if record is not None and is_valid_prefix(prefix):
+            models[prefix] = record
+    return dict(sorted(models.items()))

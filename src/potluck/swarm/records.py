@@ -43,6 +43,8 @@ MAX_ADAPTER_CHARS = 256  # adapters are HF repo ids / paths
 MAX_NEXT_PINGS = 64
 MAX_RAW_JSON_BYTES = 64 * 1024  # parse_record also accepts JSON text; refuse anything absurdly large
 MAX_PREFIX_CHARS = 128
+MAX_MADDRS = 8  # libp2p addresses shown by `potluck status`
+MAX_MADDR_CHARS = 256
 
 _Count = Annotated[int, Field(strict=True, ge=0, le=1 << 40)]
 _Block = Annotated[int, Field(strict=True, ge=0, le=MAX_BLOCKS)]
@@ -92,6 +94,10 @@ class ServerRecord(BaseModel):
         tuple[Annotated[str, Field(strict=True, pattern=r"^[A-Za-z0-9.\-\[\]:]{1,80}:[0-9]{1,5}$")], ...],
         Field(max_length=4),
     ] = ()  # "host:port" of the server's plain-TCP data path, if it has one (see swarm/direct.py)
+    maddrs: Annotated[
+        tuple[Annotated[str, Field(strict=True, min_length=1, max_length=MAX_MADDR_CHARS)], ...],
+        Field(max_length=MAX_MADDRS),
+    ] = ()  # the server's libp2p multiaddrs, for humans (`potluck status`); clients dial by peer id
     announced_at: _Rate = 0.0  # DHT time of this announcement; a peer's newest record wins (0 = unknown)
     # largest batch*tokens one step / forward may carry on this server; 0 = not announced (older servers)
     max_batch_tokens: _Count = 0
@@ -112,6 +118,33 @@ class ServerRecord(BaseModel):
         return self.end - self.start
 
 
+# --- which models a swarm serves ------------------------------------------------------------------------------
+
+MODELS_KEY = "_potluck.models"
+"""DHT key under which every server also announces its model: subkey = model prefix, value = ``ModelRecord``.
+``potluck status`` without a model reads it to list what the swarm serves. (Not a block key: "models" is no index.)"""
+
+
+class ModelRecord(BaseModel):
+    """What a server says about the model it serves, under ``MODELS_KEY``; identical for all its servers."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    num_blocks: Annotated[int, Field(strict=True, ge=1, le=MAX_BLOCKS)]  # transformer blocks of the model
+    # the hub id the server loaded, if it was one (local paths are not announced)
+    name: Annotated[str, Field(strict=True, min_length=1, max_length=MAX_ADAPTER_CHARS)] | None = None
+
+
+def parse_model_record(raw: object) -> ModelRecord | None:
+    """Validate one value under ``MODELS_KEY``; ``None`` for anything malformed; never raises."""
+    try:
+        if isinstance(raw, Mapping):
+            return ModelRecord.model_validate(dict(raw))
+    except Exception:  # a hostile value must never break `potluck status`
+        logger.debug("ignoring malformed model record", exc_info=True)
+    return None
+
+
 # --- DHT layout -------------------------------------------------------------------------------------------------
 
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -124,6 +157,10 @@ def _check_prefix(prefix: str) -> str:
             f"invalid DHT model prefix {prefix!r}: use 1-{MAX_PREFIX_CHARS} chars of [A-Za-z0-9_-]"
         )
     return prefix
+
+
+def is_valid_prefix(prefix: str) -> bool:
+    return 0 < len(prefix) <= MAX_PREFIX_CHARS and bool(_PREFIX_RE.match(prefix))
 
 
 def block_key(model_prefix: str, block: int) -> str:

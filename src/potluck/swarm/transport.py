@@ -18,17 +18,18 @@ import os
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from hivemind.dht.node import DHTNode
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils import get_dht_time
+from hivemind.utils.multiaddr import Multiaddr
 
 from potluck.errors import SwarmError, TransportError
 from potluck.swarm import link
 from potluck.swarm.limits import ConnectionLimiter
+from potluck.swarm.node_options import NodeOptions
 from potluck.swarm.signing import IdentityKey, SignatureError, SwarmKey, open_record, sign_record
 
 logger = logging.getLogger(__name__)
@@ -44,31 +45,19 @@ StreamHandler = Callable[[str, asyncio.StreamReader, asyncio.StreamWriter], Awai
 __all__ = ["NodeOptions", "SwarmError", "SwarmNode", "TransportError", "linger"]
 
 
-@dataclass(frozen=True)
-class NodeOptions:
-    """How a node joins the swarm."""
-
-    initial_peers: tuple[
-        str, ...
-    ] = ()  # multiaddrs of any peers already in the swarm; empty starts a new one
-    host: str = "0.0.0.0"  # interface to listen on; 127.0.0.1 keeps a test swarm on loopback
-    port: int = 0  # TCP port to listen on; 0 picks a free one
-    announce_maddrs: tuple[
-        str, ...
-    ] = ()  # addresses others should dial, when they differ from the listened ones
-    identity_path: str | None = None  # private key file: a fixed peer id across restarts
-    client_mode: bool = False  # a client takes no incoming DHT requests and is not stored in routing tables
-    startup_timeout: float = 30.0  # seconds to wait for p2pd to start and the DHT to bootstrap
-    use_relay: bool = False  # libp2p circuit relays for peers behind NAT
-    # emulated one-way delay (ms) on everything this process sends; None: $POTLUCK_LINK_DELAY_MS or 0
-    link_delay_ms: float | None = None
-    # emulated uplink rate (Mbit/s, 0: unlimited); None: $POTLUCK_LINK_MBPS or 0
-    link_mbps: float | None = None
-    swarm_key_path: str | None = (
-        None  # private swarm: file with a shared secret; peers without it are refused
-    )
-    max_streams_per_peer: int = 64  # incoming streams one peer may hold open at once (more are refused)
-    max_streams_total: int = 1024  # incoming streams held open at once from all peers together
+def maddr_problem(text: str, *, need_peer_id: bool = True) -> str | None:
+    """Why ``text`` is not a usable multiaddr (``None`` if it is); peers to join through need ``/p2p/<id>``."""
+    try:
+        protocols = [p.name for p in Multiaddr(text).protocols()]
+    except Exception as e:  # the parser raises several ValueError subclasses, and worse on odd input
+        return str(e).replace(f"Invalid MultiAddr {text!r}", "").strip(" :") or type(e).__name__
+    if not any(name in protocols for name in ("ip4", "ip6", "dns", "dns4", "dns6")):
+        return "no /ip4, /ip6 or /dns part"
+    if "tcp" not in protocols and "udp" not in protocols:
+        return "no /tcp/PORT part"
+    if need_peer_id and "p2p" not in protocols:
+        return "no /p2p/PEER_ID part"
+    return None
 
 
 class SignedRecordValidator(RecordValidatorBase):
@@ -126,6 +115,22 @@ def stream_auth_tag(swarm_key: SwarmKey, protocol: str, client: str, server: str
     return hmac.digest(swarm_key.derive(b"streams"), message, "sha256")
 
 
+def _daemon_error(error: Exception, options: NodeOptions) -> SwarmError:
+    """p2pd's own messages, translated into what the user should check."""
+    text = str(error)
+    peers = ", ".join(options.initial_peers) or "(none)"
+    if "failed to connect to bootstrap peers" in text:
+        return SwarmError(
+            f"could not reach any initial peer ({peers}): check that the bootstrap peer is running there "
+            "and that the address is the one it printed"
+        )
+    if "address already in use" in text:
+        return SwarmError(
+            f"port {options.port} on {options.host} is already in use: pass another --port, or 0 for any free port"
+        )
+    return SwarmError(f"could not start the libp2p daemon (p2pd): {text}")
+
+
 class SwarmNode:
     """One peer of the swarm. Create with ``await SwarmNode.create(options)``; always ``await shutdown()``."""
 
@@ -151,6 +156,7 @@ class SwarmNode:
     @classmethod
     async def create(cls, options: NodeOptions) -> SwarmNode:
         link.configure(options.link_delay_ms, options.link_mbps)
+        _quiet_daemon_teardown(asyncio.get_running_loop())
         host_maddrs = [f"/ip4/{options.host}/tcp/{options.port}"]
         swarm_key = SwarmKey.from_file(options.swarm_key_path) if options.swarm_key_path else None
         identity, new = load_identity(options.identity_path)
@@ -180,7 +186,7 @@ class SwarmNode:
                 timeout=options.startup_timeout + 5,
             )
         except Exception as e:  # hivemind raises a zoo of types here
-            raise SwarmError(f"could not start the libp2p daemon (p2pd): {e}") from e
+            raise _daemon_error(e, options) from e
         finally:
             if scratch is not None:
                 scratch.cleanup()
@@ -198,8 +204,10 @@ class SwarmNode:
                 ),
                 timeout=options.startup_timeout,
             )
-        except Exception as e:
+        except BaseException as e:  # also on cancellation (Ctrl-C): never leave the daemon running
             await p2p.shutdown()
+            if not isinstance(e, Exception):
+                raise
             peers = ", ".join(options.initial_peers) or "(none)"
             raise SwarmError(
                 f"could not join the swarm through initial peers {peers}: {e}. "
@@ -342,6 +350,31 @@ class SwarmNode:
         except Exception as e:
             logger.warning("p2pd shutdown: %s", e)
         logger.debug("node %s shut down in %.2fs", self.peer_id, time.monotonic() - t0)
+
+
+def _quiet_daemon_teardown(loop: asyncio.AbstractEventLoop) -> None:
+    """When p2pd stops, hivemind's reader of its control socket dies with a reset connection that nobody awaits;
+    asyncio would print that as "Task exception was never retrieved" with a traceback on every clean shutdown."""
+    previous = loop.get_exception_handler()
+    if getattr(previous, "_potluck_quiet", False):
+        return
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        task, error = context.get("future"), context.get("exception")
+        coro = getattr(task, "get_coro", lambda: None)()
+        name = getattr(coro, "__qualname__", "")
+        if isinstance(error, (ConnectionError, asyncio.IncompleteReadError)) and name.startswith(
+            "ControlClient."
+        ):
+            logger.debug("p2pd control connection closed: %r", error)
+            return
+        if previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    handler._potluck_quiet = True  # type: ignore[attr-defined]
+    loop.set_exception_handler(handler)
 
 
 async def linger(reader: asyncio.StreamReader, timeout: float) -> None:
