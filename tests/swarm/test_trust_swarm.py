@@ -18,7 +18,6 @@ from transformers import AutoModelForCausalLM
 
 from potluck import AutoDistributedModelForCausalLM
 from potluck.cli.local_swarm import LocalSwarm, SwarmProcess
-from potluck.server.handlers import PROTOCOL_FORWARD, PROTOCOL_INFO
 from potluck.swarm.direct import open_direct
 from potluck.swarm.directory import fetch_snapshot
 from potluck.swarm.limits import raise_file_limit
@@ -32,7 +31,16 @@ from potluck.swarm.records import (
 )
 from potluck.swarm.signing import IdentityKey, SignatureError, open_record, peer_id_from_public_proto
 from potluck.swarm.transport import NodeOptions, SignedRecordValidator, SwarmNode
-from potluck.wire import ErrorReply, ForwardRequest, ForwardResult, InfoRequest, read_message, write_message
+from potluck.wire import (
+    PROTOCOL_FORWARD,
+    PROTOCOL_INFO,
+    ErrorReply,
+    ForwardRequest,
+    ForwardResult,
+    InfoRequest,
+    read_message,
+    write_message,
+)
 from potluck.wire.framing import encode_message
 
 pytestmark = pytest.mark.swarm
