@@ -11,13 +11,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from potluck.models import LORA_TARGETS, LoraConfig, LoraWeights, load_peft_adapter, save_peft_adapter
+from potluck.models import LoraConfig, LoraWeights, family_by_name, load_peft_adapter, save_peft_adapter
 from potluck.models.spec import ModelSpec
 from potluck.swarm.routing import RouteHop
 from potluck.wire import LoraInfo, Tuning
 
 TUNING_MODES = (None, "ptune", "deep_ptune")
-DEFAULT_LORA_TARGETS = {"llama": ("q_proj", "v_proj"), "bloom": ("query_key_value",)}
 
 
 class PromptTuning(nn.Module):
@@ -126,4 +125,4 @@ class TuningPayload:
 
 
 def default_lora_targets(family: str) -> tuple[str, ...]:
-    return DEFAULT_LORA_TARGETS.get(family, LORA_TARGETS[family][:1])
+    return family_by_name(family).default_lora_targets

@@ -7,7 +7,7 @@ from torch import nn
 
 from potluck.models.kv_cache import KVCache
 from potluck.models.lora import LoraWeights
-from potluck.models.registry import ModelFamily
+from potluck.models.family import ModelFamily
 from potluck.models.spec import ModelSpec
 
 
