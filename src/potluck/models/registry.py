@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from potluck.models import bloom, gemma2, llama, mixtral, qwen3
+from potluck.models import bloom, falcon, gemma2, llama, mixtral, qwen3
 from potluck.models.family import ModelFamily
 from potluck.models.spec import ModelSpec, UnsupportedModelError
 
@@ -28,6 +28,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
     qwen3.FAMILY,
     gemma2.FAMILY,
     mixtral.FAMILY,
+    falcon.FAMILY,
 )
 _BY_MODEL_TYPE = {model_type: family for family in FAMILIES for model_type in family.model_types}
 _BY_NAME = {family.name: family for family in FAMILIES}
