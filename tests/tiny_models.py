@@ -101,11 +101,26 @@ def make_config(kind: str) -> Any:
             "ffn_hidden_size": 128, "max_position_embeddings": 256, "layer_norm_epsilon": 1e-5, "alibi": False,
         }  # fmt: skip
         if kind == "falcon-40b":  # 40B / 180B flags: grouped KV heads, separate attention and MLP norms
-            flags = {"new_decoder_architecture": True, "num_kv_heads": 2, "parallel_attn": True, "bias": False}
+            flags = {
+                "new_decoder_architecture": True,
+                "num_kv_heads": 2,
+                "parallel_attn": True,
+                "bias": False,
+            }
         elif kind == "falcon-7b":  # 7B flags: one shared K/V head, attention and MLP in parallel on one norm
-            flags = {"new_decoder_architecture": False, "multi_query": True, "parallel_attn": True, "bias": False}
+            flags = {
+                "new_decoder_architecture": False,
+                "multi_query": True,
+                "parallel_attn": True,
+                "bias": False,
+            }
         else:  # full multi-head, sequential attention then MLP, biases
-            flags = {"new_decoder_architecture": False, "multi_query": False, "parallel_attn": False, "bias": True}
+            flags = {
+                "new_decoder_architecture": False,
+                "multi_query": False,
+                "parallel_attn": False,
+                "bias": True,
+            }
         return transformers.FalconConfig(**falcon, **flags)
     raise ValueError(f"unknown tiny model kind {kind!r}; known: {', '.join(KINDS)}")
 

@@ -36,7 +36,9 @@ def family_swarm(
     with LocalSwarm(tmp_path_factory.mktemp(f"logs-{kind}")) as swarm:
         swarm.start_bootstrap()
         extra = ["--update-period", "2"]
-        procs = [swarm.start_server(path, span, wait=False, extra_args=extra) for span in ((0, 3), (3, 8), (3, 8))]
+        procs = [
+            swarm.start_server(path, span, wait=False, extra_args=extra) for span in ((0, 3), (3, 8), (3, 8))
+        ]
         swarm.wait_ready(procs)
         yield {"kind": kind, "path": path, "swarm": swarm, "procs": procs}
 
@@ -110,7 +112,9 @@ def test_lora_gradients_through_the_swarm_equal_peft(family_swarm: dict[str, Any
     targets = tuple(family.lora_targets)  # every target, incl. the MoE experts
     ids = _prompt(1, batch=2, length=12)
     with _client(family_swarm, lora_rank=RANK, lora_alpha=ALPHA, lora_targets=targets) as model:
-        with torch.no_grad():  # B starts at zero (PEFT init); make it non-zero so A's gradient is non-zero too
+        with (
+            torch.no_grad()
+        ):  # B starts at zero (PEFT init); make it non-zero so A's gradient is non-zero too
             for b in model.lora.b.values():
                 b.normal_(0, 0.05, generator=torch.Generator().manual_seed(4))
         loss = model(input_ids=ids, labels=ids).loss

@@ -6,7 +6,13 @@ from potluck.models.loading import CheckpointError, load_client_parts, load_conf
 from potluck.models.local import CausalLMOutput, LocalCausalLM
 from potluck.models.lora import LoraConfig, LoraWeights
 from potluck.models.peft_format import load_peft_adapter, save_peft_adapter
-from potluck.models.registry import LORA_TARGETS, SUPPORTED_MODEL_TYPES, ModelFamily, family_by_name, get_family
+from potluck.models.registry import (
+    LORA_TARGETS,
+    SUPPORTED_MODEL_TYPES,
+    ModelFamily,
+    family_by_name,
+    get_family,
+)
 from potluck.models.span import BlockSpan
 from potluck.models.spec import ModelSpec, RopeSpec, UnsupportedModelError
 

@@ -36,7 +36,9 @@ _ACTIVATIONS = {"gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approxi
 
 def spec_from_config(config: Any) -> ModelSpec:
     if getattr(config, "alibi", False):
-        raise UnsupportedModelError("Falcon with alibi=True (falcon-rw) is not supported; only rotary Falcon models")
+        raise UnsupportedModelError(
+            "Falcon with alibi=True (falcon-rw) is not supported; only rotary Falcon models"
+        )
     act = getattr(config, "activation", "gelu")
     if act not in _ACTIVATIONS:
         raise UnsupportedModelError(f"Falcon activation {act!r} is not supported")
@@ -72,7 +74,11 @@ def spec_from_config(config: Any) -> ModelSpec:
         mlp_bias=bias,
         max_position_embeddings=int(getattr(config, "max_position_embeddings", 2048) or 2048),
         # qkv_layout: grouped | multi_query | interleaved; separate_norms: ln_attn + ln_mlp (new architecture)
-        options={"qkv_layout": qkv_layout, "parallel_attn": parallel, "separate_norms": new_arch and num_ln == 2},
+        options={
+            "qkv_layout": qkv_layout,
+            "parallel_attn": parallel,
+            "separate_norms": new_arch and num_ln == 2,
+        },
     )
 
 

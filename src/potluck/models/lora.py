@@ -44,7 +44,9 @@ def _valid_targets(family_name: str) -> tuple[str, ...]:
 
 
 def _family(family_name: str) -> ModelFamily:
-    from potluck.models.registry import family_by_name  # lazy: the registry imports the families, which import us
+    from potluck.models.registry import (
+        family_by_name,  # lazy: the registry imports the families, which import us
+    )
 
     try:
         return family_by_name(family_name)

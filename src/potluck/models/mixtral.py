@@ -40,7 +40,9 @@ def spec_from_config(config: Any) -> ModelSpec:
     spec = llama.spec_from_config(config)
     experts, top_k = int(config.num_local_experts), int(config.num_experts_per_tok)
     if not 1 <= top_k <= experts:
-        raise UnsupportedModelError(f"num_experts_per_tok {top_k} must be in [1, num_local_experts={experts}]")
+        raise UnsupportedModelError(
+            f"num_experts_per_tok {top_k} must be in [1, num_local_experts={experts}]"
+        )
     window = getattr(config, "sliding_window", None)
     windows = (int(window),) * spec.num_blocks if window is not None else ()
     return dataclasses.replace(
@@ -114,7 +116,9 @@ class SparseMoE(nn.Module):
             gate_up = F.linear(xe, self.experts.gate_up_proj[expert])  # [n_e, 2I]
             gate_up = gate_up + adapters.expert_delta(GATE_UP, expert, xe)
             h = self._glu(gate_up)  # [n_e, I]
-            ye = F.linear(h, self.experts.down_proj[expert]) + adapters.expert_delta(DOWN, expert, h)  # [n_e, H]
+            ye = F.linear(h, self.experts.down_proj[expert]) + adapters.expert_delta(
+                DOWN, expert, h
+            )  # [n_e, H]
             ye = ye * weights.reshape(-1)[pair, None]  # [n_e, H] (fp32 weights, like transformers)
             out = out.index_add(0, token, ye.to(out.dtype))  # out-of-place: autograd reaches xe
         return out
@@ -186,7 +190,9 @@ def block_tensor_sources(spec: ModelSpec, key: str) -> str | TensorSources | Non
     if key == "mlp.gate.weight":
         return moe + "gate.weight"
     if key == "mlp.experts.gate_up_proj":
-        return [[f"{moe}experts.{e}.w1.weight", f"{moe}experts.{e}.w3.weight"] for e in range(spec.num_experts)]
+        return [
+            [f"{moe}experts.{e}.w1.weight", f"{moe}experts.{e}.w3.weight"] for e in range(spec.num_experts)
+        ]
     if key == "mlp.experts.down_proj":
         return [[f"{moe}experts.{e}.w2.weight"] for e in range(spec.num_experts)]
     return None

@@ -97,7 +97,9 @@ def save_peft_adapter(
     experts = [t for t in config.targets if target_experts(spec, t)]
     if experts:
         # PEFT stores adapters of stacked experts (target_parameters) nested under each other; not written yet.
-        raise PeftFormatError(f"LoRA on stacked experts ({', '.join(experts)}) cannot be saved in PEFT format yet")
+        raise PeftFormatError(
+            f"LoRA on stacked experts ({', '.join(experts)}) cannot be saved in PEFT format yet"
+        )
     tensors: dict[str, torch.Tensor] = {}
     for target in config.targets:
         a, b = lora.a[target].detach().cpu(), lora.b[target].detach().cpu()

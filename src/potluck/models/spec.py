@@ -54,10 +54,14 @@ class ModelSpec:
     # Per-block sliding attention window (Mistral, Qwen2 with use_sliding_window); None = full causal attention.
     sliding_windows: tuple[int | None, ...] = ()
     apply_residual_connection_post_layernorm: bool = False  # BLOOM option
-    pad_token_id: int | None = None  # embedding row without gradient (HF padding_idx); None where HF passes none
+    pad_token_id: int | None = (
+        None  # embedding row without gradient (HF padding_idx); None where HF passes none
+    )
     max_position_embeddings: int = 2048
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on queries and keys before RoPE
-    attn_scale: float | None = None  # attention score scale; None = 1/sqrt(head_dim) (Gemma 2: query_pre_attn_scalar)
+    attn_scale: float | None = (
+        None  # attention score scale; None = 1/sqrt(head_dim) (Gemma 2: query_pre_attn_scalar)
+    )
     attn_softcap: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap) before masking
     final_logit_softcap: float | None = None  # Gemma 2: logits -> cap * tanh(logits / cap)
     embed_scale: float | None = None  # Gemma 2: embeddings multiplied by sqrt(hidden) (in the weights' dtype)
