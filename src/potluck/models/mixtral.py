@@ -33,7 +33,8 @@ from potluck.models.spec import ModelSpec, UnsupportedModelError
 # Up to this many (token, expert) pairs, gather each pair's expert weights (decode); above, group by expert.
 GATHER_MAX_PAIRS = 8
 
-GATE_UP, DOWN = "experts.gate_up_proj", "experts.down_proj"  # LoRA target names of the stacked experts
+# LoRA target names of the stacked experts (PEFT target_parameters end in these; ParameterDict keys have no ".")
+GATE_UP, DOWN = "gate_up_proj", "down_proj"
 
 
 def spec_from_config(config: Any) -> ModelSpec:
