@@ -24,10 +24,18 @@ KINDS = (
     "mistral",
     "qwen2",
     "bloom",
+    "qwen3",
+    "gemma2",
+    "mixtral",
+    "falcon-40b",
+    "falcon-7b",
+    "falcon-sequential",
 )
 
-# the five architectures every model test covers, and extra Llama variants for RoPE scaling types
-MAIN_KINDS = ("llama-gqa-llama3rope", "llama-tied", "mistral", "qwen2", "bloom")
+# families added by issue 15 (one tiny checkpoint each; the swarm tests parametrize over these)
+NEW_FAMILY_KINDS = ("qwen3", "gemma2", "mixtral", "falcon-40b")
+# the architectures every model test covers, and extra Llama variants for RoPE scaling types
+MAIN_KINDS = ("llama-gqa-llama3rope", "llama-tied", "mistral", "qwen2", "bloom", *NEW_FAMILY_KINDS)
 ROPE_KINDS = ("llama-linear-rope", "llama-dynamic-rope")
 
 _LLAMA3_ROPE = {
@@ -74,6 +82,46 @@ def make_config(kind: str) -> Any:
         return transformers.BloomConfig(
             vocab_size=VOCAB, hidden_size=HIDDEN, n_layer=NUM_BLOCKS, n_head=4, layer_norm_epsilon=1e-5
         )
+    if kind == "qwen3":
+        return transformers.Qwen3Config(**common, num_key_value_heads=2, head_dim=16)
+    if kind == "gemma2":
+        # caps small enough that tanh soft-capping changes the tiny model's scores and logits; a window shorter
+        # than test sequences on every other layer; query_pre_attn_scalar != head_dim so the scale is exercised
+        return transformers.Gemma2Config(
+            **common, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24, sliding_window=16,
+            attn_logit_softcapping=4.0, final_logit_softcapping=2.0, hidden_activation="gelu_pytorch_tanh",
+        )  # fmt: skip
+    if kind == "mixtral":
+        return transformers.MixtralConfig(
+            **common, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2
+        )
+    if kind.startswith("falcon"):
+        falcon: dict[str, Any] = {
+            "vocab_size": VOCAB, "hidden_size": HIDDEN, "num_hidden_layers": NUM_BLOCKS, "num_attention_heads": 4,
+            "ffn_hidden_size": 128, "max_position_embeddings": 256, "layer_norm_epsilon": 1e-5, "alibi": False,
+        }  # fmt: skip
+        if kind == "falcon-40b":  # 40B / 180B flags: grouped KV heads, separate attention and MLP norms
+            flags = {
+                "new_decoder_architecture": True,
+                "num_kv_heads": 2,
+                "parallel_attn": True,
+                "bias": False,
+            }
+        elif kind == "falcon-7b":  # 7B flags: one shared K/V head, attention and MLP in parallel on one norm
+            flags = {
+                "new_decoder_architecture": False,
+                "multi_query": True,
+                "parallel_attn": True,
+                "bias": False,
+            }
+        else:  # full multi-head, sequential attention then MLP, biases
+            flags = {
+                "new_decoder_architecture": False,
+                "multi_query": False,
+                "parallel_attn": False,
+                "bias": True,
+            }
+        return transformers.FalconConfig(**falcon, **flags)
     raise ValueError(f"unknown tiny model kind {kind!r}; known: {', '.join(KINDS)}")
 
 

@@ -13,16 +13,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from potluck.models import LORA_TARGETS, LoraConfig, LoraWeights, load_peft_adapter, save_peft_adapter
+from potluck.models import LoraConfig, LoraWeights, family_by_name, load_peft_adapter, save_peft_adapter
 from potluck.models.spec import ModelSpec
 from potluck.swarm.routing import RouteHop
 from potluck.wire import LoraInfo, Tuning
 
 TUNING_MODES = (None, "ptune", "deep_ptune")
-PROMPTS_FILE = (
-    "prompts.safetensors"  # trained soft prompts in a directory (as `potluck finetune --save` writes)
-)
-DEFAULT_LORA_TARGETS = {"llama": ("q_proj", "v_proj"), "bloom": ("query_key_value",)}
+# trained soft prompts in a directory (as `potluck finetune --save` writes)
+PROMPTS_FILE = "prompts.safetensors"
 
 
 class PromptTuning(nn.Module):
@@ -159,4 +157,4 @@ class TuningPayload:
 
 
 def default_lora_targets(family: str) -> tuple[str, ...]:
-    return DEFAULT_LORA_TARGETS.get(family, LORA_TARGETS[family][:1])
+    return family_by_name(family).default_lora_targets

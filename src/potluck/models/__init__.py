@@ -4,9 +4,15 @@ from potluck.models.client_parts import ClientParts
 from potluck.models.kv_cache import KVCache, KVCacheOverflowError
 from potluck.models.loading import CheckpointError, load_client_parts, load_config, load_span
 from potluck.models.local import CausalLMOutput, LocalCausalLM
-from potluck.models.lora import LORA_TARGETS, LoraConfig, LoraWeights
+from potluck.models.lora import LoraConfig, LoraWeights
 from potluck.models.peft_format import load_peft_adapter, save_peft_adapter
-from potluck.models.registry import SUPPORTED_MODEL_TYPES, ModelFamily, get_family
+from potluck.models.registry import (
+    LORA_TARGETS,
+    SUPPORTED_MODEL_TYPES,
+    ModelFamily,
+    family_by_name,
+    get_family,
+)
 from potluck.models.span import BlockSpan
 from potluck.models.spec import ModelSpec, RopeSpec, UnsupportedModelError
 
@@ -26,6 +32,7 @@ __all__ = [
     "ModelSpec",
     "RopeSpec",
     "UnsupportedModelError",
+    "family_by_name",
     "get_family",
     "load_client_parts",
     "load_config",

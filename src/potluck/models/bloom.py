@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from potluck.models.family import LoraTarget, ModelFamily
 from potluck.models.kv_cache import KVCache
 from potluck.models.layers import AttnInputs, attention
 from potluck.models.lora import BlockLora, lora_linear
@@ -156,3 +157,33 @@ def make_final_norm(spec: ModelSpec) -> nn.Module:
 
 def make_embed_norm(spec: ModelSpec) -> nn.Module:
     return nn.LayerNorm(spec.hidden_size, eps=spec.norm_eps)
+
+
+FAMILY = ModelFamily(
+    name="bloom",
+    model_types=("bloom",),
+    base_prefix="transformer.",
+    block_prefix_template="transformer.h.{i}.",
+    client_tensor_names={
+        "embed_tokens.weight": "transformer.word_embeddings.weight",
+        "embed_norm.weight": "transformer.word_embeddings_layernorm.weight",
+        "embed_norm.bias": "transformer.word_embeddings_layernorm.bias",
+        "norm.weight": "transformer.ln_f.weight",
+        "norm.bias": "transformer.ln_f.bias",
+        "lm_head.weight": "lm_head.weight",
+    },
+    spec_from_config=spec_from_config,
+    make_block=BloomBlock,
+    make_attn_inputs=make_attn_inputs,
+    make_final_norm=make_final_norm,
+    make_embed_norm=make_embed_norm,
+    lora_targets={
+        "query_key_value": LoraTarget(
+            "self_attention.query_key_value", lambda s: (s.hidden_size, 3 * s.hidden_size)
+        ),
+        "dense": LoraTarget("self_attention.dense", lambda s: (s.hidden_size, s.hidden_size)),
+        "dense_h_to_4h": LoraTarget("mlp.dense_h_to_4h", lambda s: (s.hidden_size, s.intermediate_size)),
+        "dense_4h_to_h": LoraTarget("mlp.dense_4h_to_h", lambda s: (s.intermediate_size, s.hidden_size)),
+    },
+    default_lora_targets=("query_key_value",),
+)

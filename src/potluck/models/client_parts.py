@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from potluck.models.registry import ModelFamily
+from potluck.models.family import ModelFamily
+from potluck.models.layers import softcap
 from potluck.models.spec import ModelSpec
 
 
@@ -15,7 +16,8 @@ class ClientParts(nn.Module):
 
     Parameter names are family-independent (``embed_tokens``, ``embed_norm``, ``norm``, ``lm_head``); the
     family's ``client_tensor_names`` maps them to checkpoint names. With tied embeddings there is no ``lm_head``
-    module and :meth:`head` multiplies by the embedding matrix.
+    module and :meth:`head` multiplies by the embedding matrix. What differs between families comes from the spec
+    (padding row, embedding scale, logit soft-capping) and the family (norm modules).
     """
 
     def __init__(self, spec: ModelSpec, family: ModelFamily) -> None:
@@ -33,8 +35,14 @@ class ClientParts(nn.Module):
         return self.embed_tokens
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Raw word embeddings ``[B, T, hidden]`` (HF's ``inputs_embeds``)."""
-        return self.embed_tokens(input_ids)  # [B, T, hidden]
+        """Word embeddings ``[B, T, hidden]`` as HF's ``get_input_embeddings()`` returns them (``inputs_embeds``).
+
+        Gemma's embedding module multiplies by ``sqrt(hidden)`` rounded to the weights' dtype, so we do it here too.
+        """
+        embeds = self.embed_tokens(input_ids)  # [B, T, hidden]
+        if self.spec.embed_scale is not None:
+            embeds = embeds * torch.tensor(self.spec.embed_scale, dtype=embeds.dtype, device=embeds.device)
+        return embeds
 
     def pre_blocks(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
         """Hidden states entering block 0: BLOOM normalises the embeddings, Llama-style models do nothing."""
@@ -43,16 +51,17 @@ class ClientParts(nn.Module):
         return self.embed_norm(inputs_embeds)  # [B, T, hidden]
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final norm + LM head: ``[B, T, hidden]`` -> logits ``[B, T, vocab]``."""
+        """Final norm + LM head (+ soft-capping): ``[B, T, hidden]`` -> logits ``[B, T, vocab]``."""
         hidden = self.norm(hidden)  # [B, T, hidden]
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight  # [V, hidden]
-        return F.linear(hidden, weight)  # [B, T, V]
+        logits = F.linear(hidden, weight)  # [B, T, V]
+        if self.spec.final_logit_softcap is not None:
+            logits = softcap(logits, self.spec.final_logit_softcap)
+        return logits
 
 
 def _padding_idx(spec: ModelSpec) -> int | None:
-    # HF Llama-style embeddings pass config.pad_token_id as padding_idx (its row gets no gradient); BLOOM does not.
-    if spec.family != "llama" or spec.pad_token_id is None:
-        return None
-    if not 0 <= spec.pad_token_id < spec.vocab_size:
+    # HF embeddings get config.pad_token_id as padding_idx (its row gets no gradient) where the family's spec keeps it.
+    if spec.pad_token_id is None or not 0 <= spec.pad_token_id < spec.vocab_size:
         return None
     return spec.pad_token_id

@@ -31,6 +31,25 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(input_dtype)  # [B, T, H]
 
 
+class UnitOffsetRMSNorm(nn.Module):
+    """Gemma's RMSNorm: scales by ``1 + weight`` (weights stored centred on 0), all in fp32, cast back at the end."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()  # [..., H]
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)  # [..., H]
+        return (x32 * (1.0 + self.weight.float())).type_as(x)  # [..., H]
+
+
+def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """``cap * tanh(x / cap)``: bounds logits smoothly to (-cap, cap) (Gemma 2 attention scores and LM logits)."""
+    return torch.tanh(x / cap) * cap
+
+
 @dataclass
 class AttnInputs:
     """Per-forward data shared by all blocks of a span: positions, rotary tables, masks.
@@ -81,8 +100,15 @@ def attention(
     mask: torch.Tensor | None,
     is_causal: bool,
     scale: float | None = None,
+    logit_softcap: float | None = None,
 ) -> torch.Tensor:
-    """SDPA over ``q [B, H, T, D]`` and ``k, v [B, KVH, S, D]``; returns ``[B, H, T, D]``."""
+    """SDPA over ``q [B, H, T, D]`` and ``k, v [B, KVH, S, D]``; returns ``[B, H, T, D]``.
+
+    ``mask`` is boolean (True = attend) or additive. With ``logit_softcap`` the scores are soft-capped before
+    masking, which SDPA cannot do, so that case runs the explicit (eager) computation.
+    """
+    if logit_softcap is not None:
+        return _softcapped_attention(q, k, v, mask, is_causal, scale, logit_softcap)
     num_heads, num_kv_heads = q.shape[1], k.shape[1]
     if num_heads != num_kv_heads:
         if _SDPA_HAS_GQA:
@@ -92,6 +118,33 @@ def attention(
         k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)  # [B, H, S, D]
         v = v.repeat_interleave(num_heads // num_kv_heads, dim=1)  # [B, H, S, D]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+
+
+def _softcapped_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+    cap: float,
+) -> torch.Tensor:
+    num_heads, num_kv_heads = q.shape[1], k.shape[1]
+    if num_heads != num_kv_heads:
+        k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)  # [B, H, S, D]
+        v = v.repeat_interleave(num_heads // num_kv_heads, dim=1)  # [B, H, S, D]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = softcap(torch.matmul(q, k.transpose(2, 3)) * scale, cap)  # [B, H, T, S]
+    t, s = q.shape[2], k.shape[2]
+    if is_causal:  # SDPA's convention: top-left aligned (only used without a cache offset)
+        mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril()  # [T, S]
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))  # [B, H, T, S]
+        else:
+            scores = scores + mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # [B, H, T, S]
+    return torch.matmul(probs, v)  # [B, H, T, D]
 
 
 def rope_inv_freq(rope: RopeSpec, head_dim: int, seq_len: int, device: torch.device | None) -> torch.Tensor:

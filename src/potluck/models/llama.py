@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from potluck.models.family import LoraTarget, ModelFamily
 from potluck.models.kv_cache import KVCache
 from potluck.models.layers import AttnInputs, RMSNorm, apply_rope, attention, rope_cos_sin
 from potluck.models.lora import BlockLora, lora_linear
@@ -84,15 +85,24 @@ def spec_from_config(config: Any) -> ModelSpec:
 
 
 class LlamaAttention(nn.Module):
+    """Rotary attention with separate q/k/v/o projections; shared by the Llama-like families.
+
+    Generic options from the spec: ``qk_norm`` (Qwen3's RMSNorm over head_dim on q and k before RoPE),
+    ``attn_scale`` and ``attn_softcap`` (Gemma 2).
+    """
+
     def __init__(self, spec: ModelSpec, window: int | None) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.window = window
+        self.scale, self.softcap = spec.attn_scale, spec.attn_softcap
         hidden = spec.hidden_size
         self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=spec.qkv_bias)
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=spec.qkv_bias)
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=spec.qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=spec.o_bias)
+        self.q_norm = RMSNorm(self.head_dim, spec.norm_eps) if spec.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, spec.norm_eps) if spec.qk_norm else None
 
     def forward(
         self,
@@ -106,8 +116,12 @@ class LlamaAttention(nn.Module):
         q = lora_linear(self.q_proj, x, lora, "q_proj")  # [B, T, H*D]
         k = lora_linear(self.k_proj, x, lora, "k_proj")  # [B, T, KVH*D]
         v = lora_linear(self.v_proj, x, lora, "v_proj")  # [B, T, KVH*D]
-        q = q.view(bsz, seq, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = k.view(bsz, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, KVH, T, D]
+        q = q.view(bsz, seq, self.num_heads, self.head_dim)  # [B, T, H, D]
+        k = k.view(bsz, seq, self.num_kv_heads, self.head_dim)  # [B, T, KVH, D]
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.transpose(1, 2)  # [B, H, T, D]
+        k = k.transpose(1, 2)  # [B, KVH, T, D]
         v = v.view(bsz, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, KVH, T, D]
         assert inputs.cos is not None and inputs.sin is not None
         q = apply_rope(q, inputs.cos, inputs.sin)  # [B, H, T, D]
@@ -115,7 +129,7 @@ class LlamaAttention(nn.Module):
         if cache is not None:
             k, v = cache.write(cache_index, k, v)  # [B, KVH, L+T, D]
         mask, is_causal = inputs.mask(self.window)
-        out = attention(q, k, v, mask, is_causal)  # [B, H, T, D]
+        out = attention(q, k, v, mask, is_causal, self.scale, self.softcap)  # [B, H, T, D]
         out = out.transpose(1, 2).reshape(bsz, seq, self.num_heads * self.head_dim)  # [B, T, H*D]
         return lora_linear(self.o_proj, out, lora, "o_proj")  # [B, T, hidden]
 
@@ -164,3 +178,50 @@ def make_attn_inputs(
 
 def make_final_norm(spec: ModelSpec) -> nn.Module:
     return RMSNorm(spec.hidden_size, spec.norm_eps)
+
+
+def attention_lora_targets() -> dict[str, LoraTarget]:
+    """q/k/v/o_proj of :class:`LlamaAttention` (``self_attn.*``), shared by the Llama-like families."""
+
+    def q_out(spec: ModelSpec) -> int:
+        return spec.num_heads * spec.head_dim
+
+    def kv_out(spec: ModelSpec) -> int:
+        return spec.num_kv_heads * spec.head_dim
+
+    return {
+        "q_proj": LoraTarget("self_attn.q_proj", lambda s: (s.hidden_size, q_out(s))),
+        "k_proj": LoraTarget("self_attn.k_proj", lambda s: (s.hidden_size, kv_out(s))),
+        "v_proj": LoraTarget("self_attn.v_proj", lambda s: (s.hidden_size, kv_out(s))),
+        "o_proj": LoraTarget("self_attn.o_proj", lambda s: (q_out(s), s.hidden_size)),
+    }
+
+
+def mlp_lora_targets() -> dict[str, LoraTarget]:
+    """gate/up/down_proj of :class:`LlamaMLP` (``mlp.*``)."""
+    return {
+        "gate_proj": LoraTarget("mlp.gate_proj", lambda s: (s.hidden_size, s.intermediate_size)),
+        "up_proj": LoraTarget("mlp.up_proj", lambda s: (s.hidden_size, s.intermediate_size)),
+        "down_proj": LoraTarget("mlp.down_proj", lambda s: (s.intermediate_size, s.hidden_size)),
+    }
+
+
+LLAMA_CLIENT_TENSORS = {
+    "embed_tokens.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+
+FAMILY = ModelFamily(
+    name="llama",
+    model_types=("llama", "mistral", "qwen2"),
+    base_prefix="model.",
+    block_prefix_template="model.layers.{i}.",
+    client_tensor_names=LLAMA_CLIENT_TENSORS,
+    spec_from_config=spec_from_config,
+    make_block=LlamaBlock,
+    make_attn_inputs=make_attn_inputs,
+    make_final_norm=make_final_norm,
+    lora_targets={**attention_lora_targets(), **mlp_lora_targets()},
+    default_lora_targets=("q_proj", "v_proj"),
+)

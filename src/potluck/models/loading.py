@@ -20,7 +20,8 @@ from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 
 from potluck.models.client_parts import ClientParts
-from potluck.models.registry import ModelFamily, get_family
+from potluck.models.family import ModelFamily, TensorSources
+from potluck.models.registry import get_family
 from potluck.models.span import BlockSpan, check_block_range
 
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -168,10 +169,28 @@ def load_span(
 
         blocks = tqdm(blocks, desc=f"loading blocks {start}:{end}", unit="block", file=sys.stderr)
     for local, block in blocks:  # block by block, so the bar moves as the shards are read
-        wanted = {
-            f"blocks.{local}.{key}": family.block_prefix(start + local) + key for key in block.state_dict()
-        }
+        wanted: dict[str, str] = {}
+        assembled: dict[str, TensorSources] = {}  # our key -> sources, for tensors stored split up (experts)
+        prefix = family.block_prefix(start + local)
+        for key in block.state_dict():
+            name, sources = prefix + key, family.block_tensor_sources(spec, key)
+            if sources is None or checkpoint.resolve(name, family.base_prefix) is not None:
+                wanted[f"blocks.{local}.{key}"] = name
+            elif isinstance(sources, str):
+                wanted[f"blocks.{local}.{key}"] = prefix + sources
+            else:
+                assembled[f"blocks.{local}.{key}"] = [[prefix + part for part in parts] for parts in sources]
         tensors.update(checkpoint.read(wanted, family.base_prefix, dtype, device))
+        if assembled:
+            parts_wanted = {
+                name: name for sources in assembled.values() for parts in sources for name in parts
+            }
+            parts = checkpoint.read(parts_wanted, family.base_prefix, dtype, device)
+            for key, sources in assembled.items():
+                # stack along a new dim 0 (experts) what is concatenated along dim 0 (e.g. gate and up projections)
+                tensors[key] = torch.stack(
+                    [torch.cat([parts.pop(name) for name in names]) for names in sources]
+                )
     span.load_state_dict(tensors, strict=True, assign=True)
     return span.eval()
 

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from potluck.models.client_parts import ClientParts
+from potluck.models.family import ModelFamily
 from potluck.models.kv_cache import KVCache
 from potluck.models.loading import load_client_parts, load_config, load_span
 from potluck.models.lora import LoraWeights
-from potluck.models.registry import ModelFamily
 from potluck.models.span import BlockSpan
 from potluck.models.spec import ModelSpec
 

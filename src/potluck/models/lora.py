@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +23,10 @@ from torch import nn
 
 from potluck.models.spec import ModelSpec
 
+if TYPE_CHECKING:
+    from potluck.models.family import ModelFamily
+
 __all__ = [
-    "LORA_TARGETS",
     "BlockLora",
     "LoraConfig",
     "LoraWeights",
@@ -32,41 +34,24 @@ __all__ = [
     "target_features",
 ]
 
-# Projections a LoRA adapter may target, per family, in a canonical order (the names PEFT's target_modules use).
-LORA_TARGETS: dict[str, tuple[str, ...]] = {
-    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    "bloom": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
-}
-
-# Path of each target module inside one block (after the checkpoint's block prefix, e.g. "model.layers.{i}.").
-_MODULE_PATHS: dict[str, dict[str, str]] = {
-    "llama": {
-        "q_proj": "self_attn.q_proj",
-        "k_proj": "self_attn.k_proj",
-        "v_proj": "self_attn.v_proj",
-        "o_proj": "self_attn.o_proj",
-        "gate_proj": "mlp.gate_proj",
-        "up_proj": "mlp.up_proj",
-        "down_proj": "mlp.down_proj",
-    },
-    "bloom": {
-        "query_key_value": "self_attention.query_key_value",
-        "dense": "self_attention.dense",
-        "dense_h_to_4h": "mlp.dense_h_to_4h",
-        "dense_4h_to_h": "mlp.dense_4h_to_h",
-    },
-}
-
 # ---------------------------------------------------------------------------------------------------------------
 # config
 
 
 def _valid_targets(family_name: str) -> tuple[str, ...]:
-    if family_name not in LORA_TARGETS:
-        raise ValueError(
-            f"LoRA is not supported for model family {family_name!r}; supported: {', '.join(LORA_TARGETS)}"
-        )
-    return LORA_TARGETS[family_name]
+    """LoRA targets of the family called ``family_name`` (ValueError for an unknown family)."""
+    return tuple(_family(family_name).lora_targets)
+
+
+def _family(family_name: str) -> ModelFamily:
+    from potluck.models.registry import (
+        family_by_name,  # lazy: the registry imports the families, which import us
+    )
+
+    try:
+        return family_by_name(family_name)
+    except ValueError as e:
+        raise ValueError(f"LoRA is not supported for {e}") from None
 
 
 @dataclass(frozen=True)
@@ -127,34 +112,13 @@ class LoraConfig:
 
 def target_features(spec: ModelSpec, target: str) -> tuple[int, int]:
     """``(in_features, out_features)`` of projection ``target`` in a block of ``spec``."""
-    hidden, inter = spec.hidden_size, spec.intermediate_size
-    if spec.family == "llama":
-        q_out, kv_out = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-        features = {
-            "q_proj": (hidden, q_out),
-            "k_proj": (hidden, kv_out),
-            "v_proj": (hidden, kv_out),
-            "o_proj": (q_out, hidden),
-            "gate_proj": (hidden, inter),
-            "up_proj": (hidden, inter),
-            "down_proj": (inter, hidden),
-        }
-    elif spec.family == "bloom":
-        features = {
-            "query_key_value": (hidden, 3 * hidden),
-            "dense": (hidden, hidden),
-            "dense_h_to_4h": (hidden, inter),
-            "dense_4h_to_h": (inter, hidden),
-        }
-    else:
-        _valid_targets(spec.family)  # raises
-        raise AssertionError("unreachable")
-    if target not in features:
-        raise ValueError(
-            f"unknown LoRA target {target!r} for model family {spec.family!r}; "
-            f"valid targets: {', '.join(LORA_TARGETS[spec.family])}"
-        )
-    return features[target]
+    return _family(spec.family).lora_target(target).features(spec)
+
+
+def target_experts(spec: ModelSpec, target: str) -> int:
+    """Number of stacked experts ``target`` adapts (one adapter each), 0 for a plain projection."""
+    experts = _family(spec.family).lora_target(target).experts
+    return 0 if experts is None else experts(spec)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -163,7 +127,10 @@ def target_features(spec: ModelSpec, target: str) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class BlockLora:
-    """The adapters of one block: ``target -> (A [rank, in], B [out, rank])`` and the common scaling."""
+    """The adapters of one block: ``target -> (A [rank, in], B [out, rank])`` and the common scaling.
+
+    Targets on stacked experts have one adapter per expert: ``A [E, rank, in]``, ``B [E, out, rank]``.
+    """
 
     adapters: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
     scaling: float
@@ -189,7 +156,7 @@ def lora_linear(linear: nn.Linear, x: torch.Tensor, lora: BlockLora | None, targ
 # weights
 
 
-Shape3 = tuple[int, int, int]
+Shape = tuple[int, ...]  # [n, rank, in] / [n, out, rank], or [n, E, rank, in] / [n, E, out, rank] for experts
 
 
 class LoraWeights:
@@ -219,11 +186,12 @@ class LoraWeights:
         n = end - start
         for target in config.targets:
             a_t, b_t = a[target], b[target]
-            if a_t.dim() != 3 or a_t.shape[0] != n or a_t.shape[1] != config.rank:
+            # 4-d tensors hold one adapter per stacked expert: [n, E, rank, in] / [n, E, out, rank]
+            if a_t.dim() not in (3, 4) or a_t.shape[0] != n or a_t.shape[-2] != config.rank:
                 raise ValueError(
                     f"LoRA A of {target!r} must be [{n}, {config.rank}, in_features], got {tuple(a_t.shape)}"
                 )
-            if b_t.dim() != 3 or b_t.shape[0] != n or b_t.shape[2] != config.rank:
+            if b_t.dim() != a_t.dim() or b_t.shape[0] != n or b_t.shape[-1] != config.rank:
                 raise ValueError(
                     f"LoRA B of {target!r} must be [{n}, out_features, {config.rank}], got {tuple(b_t.shape)}"
                 )
@@ -248,13 +216,15 @@ class LoraWeights:
         return self.a[self.config.targets[0]].device
 
     @staticmethod
-    def shapes(spec: ModelSpec, config: LoraConfig, n_blocks: int) -> dict[str, tuple[Shape3, Shape3]]:
-        """``target -> (A shape [n, r, in], B shape [n, out, r])`` for ``n_blocks`` blocks of ``spec``."""
+    def shapes(spec: ModelSpec, config: LoraConfig, n_blocks: int) -> dict[str, tuple[Shape, Shape]]:
+        """``target -> (A shape [n, (E,) r, in], B shape [n, (E,) out, r])`` for ``n_blocks`` blocks of ``spec``."""
         config.validate(spec.family)
-        shapes: dict[str, tuple[Shape3, Shape3]] = {}
+        shapes: dict[str, tuple[Shape, Shape]] = {}
         for target in config.targets:
             in_features, out_features = target_features(spec, target)
-            shapes[target] = ((n_blocks, config.rank, in_features), (n_blocks, out_features, config.rank))
+            experts = target_experts(spec, target)
+            lead: Shape = (n_blocks, experts) if experts else (n_blocks,)
+            shapes[target] = ((*lead, config.rank, in_features), (*lead, out_features, config.rank))
         return shapes
 
     def check_spec(self, spec: ModelSpec) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from potluck.models.lora import _MODULE_PATHS, LoraConfig, LoraWeights, _valid_targets
+from potluck.models.lora import LoraConfig, LoraWeights, _family, _valid_targets, target_experts
 from potluck.models.spec import ModelSpec
 
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -58,17 +58,19 @@ _BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 def _block_prefix_pattern(spec: ModelSpec) -> tuple[str, str]:
     """``(block prefix template, base-model prefix)`` of the checkpoint names, e.g. ("model.layers.{i}.", "model.")."""
-    from potluck.models.registry import (
-        get_family,  # lazy: registry imports the family modules, which import us
-    )
-
-    family = get_family(spec.model_type)
+    family = _family(spec.family)
     return family.block_prefix_template, family.base_prefix
+
+
+def _module_paths(spec: ModelSpec) -> dict[str, str]:
+    """target -> module path inside a block, for the targets the PEFT file format covers here."""
+    targets = _family(spec.family).lora_targets
+    return {name: t.path for name, t in targets.items() if t.experts is None}
 
 
 def _peft_key(spec: ModelSpec, block: int, target: str, which: str) -> str:
     template, _ = _block_prefix_pattern(spec)
-    path = _MODULE_PATHS[spec.family][target]
+    path = _module_paths(spec)[target]
     return f"{_PEFT_KEY_PREFIX}{template.format(i=block)}{path}.lora_{which}.weight"
 
 
@@ -92,6 +94,12 @@ def save_peft_adapter(
         )
     lora.check_spec(spec)
     config = lora.config
+    experts = [t for t in config.targets if target_experts(spec, t)]
+    if experts:
+        # PEFT stores adapters of stacked experts (target_parameters) nested under each other; not written yet.
+        raise PeftFormatError(
+            f"LoRA on stacked experts ({', '.join(experts)}) cannot be saved in PEFT format yet"
+        )
     tensors: dict[str, torch.Tensor] = {}
     for target in config.targets:
         a, b = lora.a[target].detach().cpu(), lora.b[target].detach().cpu()
@@ -209,7 +217,7 @@ def load_peft_adapter(
     # the base-model prefix is optional: adapters trained on the bare base model (e.g. LlamaModel) lack it
     if template.startswith(base_prefix):
         layers_re = f"(?:{re.escape(base_prefix)})?{layers_re[len(re.escape(base_prefix)) :]}"
-    path_to_target = {p: t for t, p in _MODULE_PATHS[spec.family].items()}
+    path_to_target = {p: t for t, p in _module_paths(spec).items()}
     paths_re = "|".join(re.escape(p) for p in path_to_target)
     key_re = re.compile(
         rf"(?:{re.escape(_PEFT_KEY_PREFIX)})?{layers_re}({paths_re})\.lora_([AB])(?:\.default)?\.weight"

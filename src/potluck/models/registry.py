@@ -1,81 +1,40 @@
-"""Map HF ``model_type`` to a potluck model family: how to build its blocks and where its tensors live."""
+"""The list of model families, and lookup by HF ``model_type``.
+
+Adding a family: write its module (blocks, config mapping, tensor names, LoRA targets; see
+:class:`potluck.models.family.ModelFamily`) and add its ``FAMILY`` to :data:`FAMILIES` below.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
-import torch
-from torch import nn
-
-from potluck.models import bloom, llama
-from potluck.models.layers import AttnInputs
+from potluck.models import bloom, falcon, gemma2, llama, mixtral, qwen3
+from potluck.models.family import ModelFamily
 from potluck.models.spec import ModelSpec, UnsupportedModelError
 
-__all__ = ["ModelFamily", "UnsupportedModelError", "SUPPORTED_MODEL_TYPES", "get_family", "FAMILIES"]
+__all__ = [
+    "FAMILIES",
+    "LORA_TARGETS",
+    "SUPPORTED_MODEL_TYPES",
+    "ModelFamily",
+    "UnsupportedModelError",
+    "family_by_name",
+    "get_family",
+]
 
-
-@dataclass(frozen=True)
-class ModelFamily:
-    """Everything architecture-specific that spans, client parts and the loader need."""
-
-    name: str
-    model_types: tuple[str, ...]
-    # Prefix of the base model in ``*ForCausalLM`` checkpoints; checkpoints saved from the base model lack it.
-    base_prefix: str
-    block_prefix_template: str  # tensor-name prefix of block i, e.g. "model.layers.{i}."
-    # ClientParts parameter name -> checkpoint tensor name (lm_head is skipped when embeddings are tied)
-    client_tensor_names: Mapping[str, str]
-    spec_from_config: Callable[[Any], ModelSpec]
-    make_block: Callable[[ModelSpec, int], nn.Module]  # (spec, absolute block index) -> block
-    make_attn_inputs: Callable[[ModelSpec, int, int, torch.device, torch.dtype], AttnInputs]
-    make_final_norm: Callable[[ModelSpec], nn.Module]
-    make_embed_norm: Callable[[ModelSpec], nn.Module] | None = None  # BLOOM's word_embeddings_layernorm
-
-    def block_prefix(self, index: int) -> str:
-        return self.block_prefix_template.format(i=index)
-
-
-LLAMA = ModelFamily(
-    name="llama",
-    model_types=("llama", "mistral", "qwen2"),
-    base_prefix="model.",
-    block_prefix_template="model.layers.{i}.",
-    client_tensor_names={
-        "embed_tokens.weight": "model.embed_tokens.weight",
-        "norm.weight": "model.norm.weight",
-        "lm_head.weight": "lm_head.weight",
-    },
-    spec_from_config=llama.spec_from_config,
-    make_block=llama.LlamaBlock,
-    make_attn_inputs=llama.make_attn_inputs,
-    make_final_norm=llama.make_final_norm,
+FAMILIES: tuple[ModelFamily, ...] = (
+    llama.FAMILY,
+    bloom.FAMILY,
+    qwen3.FAMILY,
+    gemma2.FAMILY,
+    mixtral.FAMILY,
+    falcon.FAMILY,
 )
-
-BLOOM = ModelFamily(
-    name="bloom",
-    model_types=("bloom",),
-    base_prefix="transformer.",
-    block_prefix_template="transformer.h.{i}.",
-    client_tensor_names={
-        "embed_tokens.weight": "transformer.word_embeddings.weight",
-        "embed_norm.weight": "transformer.word_embeddings_layernorm.weight",
-        "embed_norm.bias": "transformer.word_embeddings_layernorm.bias",
-        "norm.weight": "transformer.ln_f.weight",
-        "norm.bias": "transformer.ln_f.bias",
-        "lm_head.weight": "lm_head.weight",
-    },
-    spec_from_config=bloom.spec_from_config,
-    make_block=bloom.BloomBlock,
-    make_attn_inputs=bloom.make_attn_inputs,
-    make_final_norm=bloom.make_final_norm,
-    make_embed_norm=bloom.make_embed_norm,
-)
-
-FAMILIES: tuple[ModelFamily, ...] = (LLAMA, BLOOM)
 _BY_MODEL_TYPE = {model_type: family for family in FAMILIES for model_type in family.model_types}
+_BY_NAME = {family.name: family for family in FAMILIES}
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_BY_MODEL_TYPE))
+# Projections a LoRA adapter may target, per family, in canonical order (the names PEFT's configs use).
+LORA_TARGETS: dict[str, tuple[str, ...]] = {f.name: tuple(f.lora_targets) for f in FAMILIES}
 
 
 def get_family(config: Any) -> ModelFamily:
@@ -87,6 +46,14 @@ def get_family(config: Any) -> ModelFamily:
             f"model_type {model_type!r} is not supported by potluck; "
             f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
+    return family
+
+
+def family_by_name(name: str) -> ModelFamily:
+    """Family called ``name`` (``ModelSpec.family``); ValueError naming the known ones otherwise."""
+    family = _BY_NAME.get(name)
+    if family is None:
+        raise ValueError(f"unknown model family {name!r}; supported: {', '.join(_BY_NAME)}")
     return family
 
 

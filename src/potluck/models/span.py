@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from potluck.models.family import ModelFamily
 from potluck.models.kv_cache import KVCache
 from potluck.models.lora import LoraWeights
-from potluck.models.registry import ModelFamily
 from potluck.models.spec import ModelSpec
 
 

@@ -7,7 +7,8 @@ HF configs differ between families (``n_head`` vs ``num_attention_heads``) and b
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
@@ -53,8 +54,21 @@ class ModelSpec:
     # Per-block sliding attention window (Mistral, Qwen2 with use_sliding_window); None = full causal attention.
     sliding_windows: tuple[int | None, ...] = ()
     apply_residual_connection_post_layernorm: bool = False  # BLOOM option
-    pad_token_id: int | None = None  # Llama-style embeddings zero the gradient of the padding row
+    pad_token_id: int | None = (
+        None  # embedding row without gradient (HF padding_idx); None where HF passes none
+    )
     max_position_embeddings: int = 2048
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on queries and keys before RoPE
+    attn_scale: float | None = (
+        None  # attention score scale; None = 1/sqrt(head_dim) (Gemma 2: query_pre_attn_scalar)
+    )
+    attn_softcap: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap) before masking
+    final_logit_softcap: float | None = None  # Gemma 2: logits -> cap * tanh(logits / cap)
+    embed_scale: float | None = None  # Gemma 2: embeddings multiplied by sqrt(hidden) (in the weights' dtype)
+    num_experts: int = 0  # sparse MoE feed-forward (Mixtral): experts per block; 0 = dense MLP
+    num_experts_per_tok: int = 0  # MoE: experts each token is routed to (top-k)
+    # Family-specific structural flags that no other code reads (e.g. Falcon's new_decoder_architecture).
+    options: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, config: Any) -> ModelSpec:
