@@ -83,6 +83,7 @@ def serve(args: argparse.Namespace) -> int:
         balance_check_period=args.balance_check_period,
         start_delay_max=args.start_delay_max,
         adapters=tuple(args.adapters),
+        metrics_port=args.metrics_port,
     )
     return run_server(config)
 

@@ -1,4 +1,4 @@
-"""``potluck`` command line: bootstrap, serve, generate, status, demo, bench."""
+"""``potluck`` command line: bootstrap, serve, generate, status, demo, bench, api, chat, dashboard."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from potluck import __version__
+from potluck.cli import api_commands
 
 
 def _blocks(text: str) -> tuple[int, int]:
@@ -94,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--revision", default=None, help="hub revision")
     p.add_argument("--token", default=None, help="hub token for gated models")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics here (0: any)")
 
     p = sub.add_parser("generate", help="generate text with a model served by the swarm")
     p.add_argument("model", help="HF hub name or local checkpoint directory (for the client parts)")
@@ -146,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="The swarm is", help="prompt text")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--no-failover", action="store_true", help="skip killing a server mid-generation")
+
+    api_commands.add_parsers(sub, _add_network)  # api, chat, dashboard
 
     p = sub.add_parser("bench", help="benchmarks that print JSON")
     bench = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
@@ -208,6 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "demo": commands.demo,
         "finetune": commands.finetune,
         "bench": commands.bench,
+        **api_commands.HANDLERS,
     }[args.command]
     try:
         return int(handler(args) or 0)

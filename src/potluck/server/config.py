@@ -37,6 +37,7 @@ class ServerConfig:
     balance_check_period: float = 60.0  # check for a better span about this often (randomised +-50%)
     start_delay_max: float = 5.0  # with automatic placement, wait up to this long (random) before choosing
     adapters: tuple[str, ...] = ()  # PEFT LoRA adapter dirs to preload; clients pick one by its dir name
+    metrics_port: int | None = None  # serve Prometheus /metrics on this port of node.host (0: any; None: off)
 
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")

@@ -9,10 +9,12 @@ import logging
 import random
 import signal
 import sys
+from typing import Any
 
 import torch
 
 from potluck.models import BlockSpan, load_config, load_span
+from potluck.server import metrics
 from potluck.server.cache_budget import CacheBudget
 from potluck.server.config import ServerConfig
 from potluck.server.handlers import (
@@ -31,7 +33,14 @@ from potluck.swarm import aio
 from potluck.swarm.direct import DirectServer
 from potluck.swarm.directory import fetch_snapshot
 from potluck.swarm.placement import choose_span_for, should_move
-from potluck.swarm.records import ServerRecord, block_key, model_prefix_for, record_to_dht
+from potluck.swarm.records import (
+    MODELS_KEY,
+    ServerRecord,
+    block_key,
+    model_entry_to_dht,
+    model_prefix_for,
+    record_to_dht,
+)
 from potluck.swarm.records import ServerState as RecordState
 from potluck.swarm.transport import SwarmNode
 from potluck.wire import DEFAULT_LIMITS
@@ -93,6 +102,8 @@ class Server:
         runtime = Runtime()
         tasks: list[asyncio.Task[None]] = []
         direct: DirectServer | None = None
+        metrics_server: Any = None
+        metrics_port: int | None = None
         try:
             if cfg.blocks is None:
                 start = await self._choose_start(length)
@@ -115,6 +126,12 @@ class Server:
                 ),
             )
             handlers = Handlers(self.state)
+            if cfg.metrics_port is not None:
+                state = self.state
+                metrics.bind_state(
+                    lambda: state.budget.used, lambda: state.budget.capacity, lambda: len(state.sessions)
+                )
+                metrics_server, metrics_port = metrics.start_metrics_server(cfg.node.host, cfg.metrics_port)
             routes = {
                 PROTOCOL_INFO: handlers.info,
                 PROTOCOL_INFERENCE: handlers.inference,
@@ -142,7 +159,13 @@ class Server:
             print(
                 "POTLUCK_READY "
                 + json.dumps(
-                    {"peer_id": self.node.peer_id, "start": span.start, "end": span.end, "maddrs": maddrs}
+                    {
+                        "peer_id": self.node.peer_id,
+                        "start": span.start,
+                        "end": span.end,
+                        "maddrs": maddrs,
+                        "metrics_port": metrics_port,
+                    }
                 ),
                 flush=True,
             )
@@ -151,6 +174,9 @@ class Server:
         finally:
             if direct is not None:
                 await direct.close()
+            if metrics_server is not None:
+                await asyncio.to_thread(metrics_server.shutdown)  # waits for its poll loop (<= 0.5 s)
+                metrics_server.server_close()
             for task in tasks:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -290,8 +316,10 @@ class Server:
         value = record_to_dht(record)
         # An offline record lives briefly: enough for clients and placement to notice, then it expires.
         ttl = self.config.expiration if state != "offline" else min(self.config.expiration, 30.0)
+        models_entry = (MODELS_KEY, self.model_prefix, model_entry_to_dht(self.num_model_blocks))
         ok = await self.node.store_many(
-            [(block_key(self.model_prefix, b), self.node.peer_id, value) for b in range(start, end)],
+            [(block_key(self.model_prefix, b), self.node.peer_id, value) for b in range(start, end)]
+            + [models_entry],  # lets a dashboard find the swarm's models without being told their names
             expiration_time=SwarmNode.now() + ttl,
         )
         if not ok:

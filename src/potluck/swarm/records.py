@@ -43,6 +43,7 @@ MAX_ADAPTER_CHARS = 256  # adapters are HF repo ids / paths
 MAX_NEXT_PINGS = 64
 MAX_RAW_JSON_BYTES = 64 * 1024  # parse_record also accepts JSON text; refuse anything absurdly large
 MAX_PREFIX_CHARS = 128
+MAX_LISTED_MODELS = 256  # models a dashboard lists from MODELS_KEY
 
 _Count = Annotated[int, Field(strict=True, ge=0, le=1 << 40)]
 _Block = Annotated[int, Field(strict=True, ge=0, le=MAX_BLOCKS)]
@@ -141,6 +142,32 @@ def model_prefix_for(name_or_path: str, override: str | None = None) -> str:
     last = name_or_path.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
     prefix = re.sub(r"[^A-Za-z0-9_\-]", "-", last.replace(".", "-"))
     return _check_prefix(prefix)
+
+
+# Servers also list their model under this key (subkey = model prefix, value = ``model_entry_to_dht``), so a
+# dashboard can find every model of a private swarm without being told their names. Block keys always end in
+# ".<int>", so this key cannot collide with one.
+MODELS_KEY = "potluck.models"
+
+
+def model_entry_to_dht(num_blocks: int) -> dict[str, Any]:
+    return {"num_blocks": int(num_blocks)}
+
+
+def parse_model_entries(raw: Mapping[str, object]) -> dict[str, int]:
+    """``{model_prefix: num_blocks}`` from the MODELS_KEY subkeys; malformed entries are dropped, never raised."""
+    models: dict[str, int] = {}
+    for prefix, value in raw.items():
+        if (
+            not isinstance(prefix, str)
+            or not (0 < len(prefix) <= MAX_PREFIX_CHARS)
+            or not _PREFIX_RE.match(prefix)
+        ):
+            continue
+        blocks = value.get("num_blocks") if isinstance(value, Mapping) else None
+        if type(blocks) is int and 0 < blocks <= MAX_BLOCKS:
+            models[prefix] = blocks
+    return dict(sorted(models.items())[:MAX_LISTED_MODELS])
 
 
 def record_to_dht(record: ServerRecord) -> dict[str, Any]:
