@@ -6,6 +6,8 @@ of them, and a second `potluck api` whose model has blocks nobody serves.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 import subprocess
 import sys
@@ -235,10 +237,14 @@ def test_missing_blocks_are_503_naming_them(env: dict[str, Any], stream: bool) -
 
 def _long_prompt(env: dict[str, Any], new: int) -> str:
     """A prompt whose greedy continuation runs `new` tokens without eos, so only a hang-up ends it early."""
+    cache = env.setdefault("long_prompts", {})
+    if new in cache:
+        return str(cache[new])
     for i in range(20):
         prompt = f"Tell a long story {i}:"
         _, n, eos = _expected(env, list(env["tok"](prompt).input_ids), new, do_sample=False)
         if not eos:
+            cache[new] = prompt
             return prompt
     raise AssertionError("no prompt without eos")
 
@@ -303,3 +309,32 @@ def test_chat_command_streams_in_one_session(env: dict[str, Any]) -> None:
     assert proc.stdout.startswith(f"assistant> {expected}\n")  # streamed as generated, then a newline
     sessions_after = [_metric(u, f'{opened}{{rpc="inference"}}') for u in env["server_metrics"]]
     assert [b - a for a, b in zip(sessions_before, sessions_after, strict=True)] == [1, 1]
+
+
+def test_non_streamed_client_hanging_up_frees_server_cache(env: dict[str, Any]) -> None:
+    used = "potluck_server_cache_tokens_used"
+    assert _eventually(lambda: all(_metric(u, used) == 0 for u in env["server_metrics"]))
+    cancelled = _metric(env["url"] + "/metrics", "potluck_api_cancelled_total")
+    steps_before = _metric(env["server_metrics"][0], "potluck_server_inference_steps_total")
+    body = {"model": env["ckpt"], "prompt": _long_prompt(env, 200), "max_tokens": 200, "temperature": 0}
+    steps = "potluck_server_inference_steps_total"
+
+    async def hang_up() -> (
+        None
+    ):  # the client gives up once the generation is under way, closing its connection
+        async with httpx.AsyncClient(timeout=60) as client:
+            headers = {"Authorization": f"Bearer {KEY}"}
+            request = asyncio.create_task(
+                client.post(env["url"] + "/v1/completions", json=body, headers=headers)
+            )
+            while await asyncio.to_thread(_metric, env["server_metrics"][0], steps) == steps_before:
+                assert not request.done(), request.result().text
+                await asyncio.sleep(0.05)
+            request.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await request
+
+    asyncio.run(hang_up())
+    assert _eventually(lambda: all(_metric(u, used) == 0 for u in env["server_metrics"]))
+    assert _metric(env["url"] + "/metrics", "potluck_api_cancelled_total") == cancelled + 1
+    assert _metric(env["server_metrics"][0], "potluck_server_inference_steps_total") - steps_before < 200

@@ -173,7 +173,7 @@ def create_app(
         return s.ModelList(data=[s.ModelCard(id=served, created=created)] if served else [])
 
     @app.post("/v1/completions", dependencies=[Depends(require_key)], response_model=None)
-    async def completions(body: s.CompletionRequest) -> Any:
+    async def completions(body: s.CompletionRequest, http: Request) -> Any:
         eng = require_engine(body.model)
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
@@ -190,7 +190,10 @@ def create_app(
 
             async def sse() -> AsyncIterator[str]:
                 offset = 0
-                async for item in _chain(first, stream):
+                async for item in _sse_items(first, stream):
+                    if isinstance(item, ApiError):  # mid-stream failure: OpenAI's error object, then the end
+                        yield json.dumps(s.ErrorBody.of(item.message, item.type, item.code))
+                        return
                     if isinstance(item, TokenOut):
                         if not item.text and request.top_logprobs is None:
                             continue
@@ -212,7 +215,7 @@ def create_app(
                 yield "[DONE]"
 
             return EventSourceResponse(sse(), sep="\n", ping=15)
-        tokens, done = await _collect(first, stream)
+        tokens, done = await _collect(first, stream, http)
         choice = s.CompletionChoice(
             text="".join(t.text for t in tokens),
             logprobs=_completion_logprobs(tokens, 0) if request.top_logprobs is not None else None,
@@ -221,7 +224,7 @@ def create_app(
         return s.Completion(id=rid, created=s.now(), model=model, choices=[choice], usage=_usage(done))
 
     @app.post("/v1/chat/completions", dependencies=[Depends(require_key)], response_model=None)
-    async def chat_completions(body: s.ChatCompletionRequest) -> Any:
+    async def chat_completions(body: s.ChatCompletionRequest, http: Request) -> Any:
         eng = require_engine(body.model)
         messages = [
             {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
@@ -247,7 +250,10 @@ def create_app(
                     )
 
                 yield chunk(s.Delta(role="assistant", content=""))
-                async for item in _chain(first, stream):
+                async for item in _sse_items(first, stream):
+                    if isinstance(item, ApiError):  # mid-stream failure: OpenAI's error object, then the end
+                        yield json.dumps(s.ErrorBody.of(item.message, item.type, item.code))
+                        return
                     if isinstance(item, TokenOut):
                         if item.text or request.top_logprobs is not None:
                             lp = _chat_logprobs([item]) if request.top_logprobs is not None else None
@@ -262,7 +268,7 @@ def create_app(
                 yield "[DONE]"
 
             return EventSourceResponse(sse(), sep="\n", ping=15)
-        tokens, done = await _collect(first, stream)
+        tokens, done = await _collect(first, stream, http)
         choice = s.ChatChoice(
             message=s.AssistantMessage(content="".join(t.text for t in tokens)),
             logprobs=_chat_logprobs(tokens) if request.top_logprobs is not None else None,
@@ -363,18 +369,49 @@ async def _chain(
         await rest.aclose()  # type: ignore[attr-defined]  # a hang-up closes the engine's stream: cancels the run
 
 
-async def _collect(
+async def _sse_items(
     first: TokenOut | Done, rest: AsyncIterator[TokenOut | Done]
-) -> tuple[list[TokenOut], Done]:
-    tokens: list[TokenOut] = []
+) -> AsyncIterator[TokenOut | Done | ApiError]:
     try:
+        async for item in _chain(first, rest):
+            yield item
+    except Exception as e:
+        yield _as_api_error(e)
+
+
+DISCONNECT_POLL_SECONDS = 0.5  # how often a non-streamed request checks that its client is still there
+
+
+async def _collect(
+    first: TokenOut | Done, rest: AsyncIterator[TokenOut | Done], http: Request
+) -> tuple[list[TokenOut], Done]:
+    """A whole completion; a client that leaves before the end cancels it (its session closes)."""
+
+    async def gather() -> tuple[list[TokenOut], Done]:
+        tokens: list[TokenOut] = []
         async for item in _chain(first, rest):
             if isinstance(item, Done):
                 return tokens, item
             tokens.append(item)
+        raise ApiError(503, "generation ended without a result", "service_unavailable")
+
+    task = asyncio.ensure_future(gather())
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
+            if done:
+                return task.result()
+            if await http.is_disconnected():
+                raise ApiError(499, "the client closed the request", "invalid_request_error", "client_closed")
+    except ApiError:
+        raise
     except Exception as e:
         raise _as_api_error(e) from None
-    raise ApiError(503, "generation ended without a result", "service_unavailable")
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
 
 
 def _chunk(model: Any) -> str:

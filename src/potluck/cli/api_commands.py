@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +27,11 @@ def add_parsers(sub: Any, add_network: Callable[..., None]) -> None:
     p.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR", help="swarm peers to join")
     p.add_argument("--host", default="127.0.0.1", help="HTTP interface (0.0.0.0 to listen on all)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (0: any free port, printed when ready)")
-    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/*")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("POTLUCK_API_KEY"),
+        help="require `Authorization: Bearer KEY` on /v1/* (default: $POTLUCK_API_KEY; unset: no key)",
+    )
     p.add_argument(
         "--chat-template",
         default=None,
