@@ -233,6 +233,8 @@ def test_missing_blocks_are_503_naming_them(env: dict[str, Any], stream: bool) -
     assert e.value.status_code == 503
     assert e.value.code == "missing_blocks"
     assert "3-7" in e.value.message and "[3, 4, 5, 6, 7]" in e.value.message
+    health = httpx.get(env["partial_url"] + "/health", timeout=10)
+    assert health.status_code == 503 and health.json()["missing_blocks"] == [3, 4, 5, 6, 7]
 
 
 def _long_prompt(env: dict[str, Any], new: int) -> str:
