@@ -141,6 +141,15 @@ class LocalSwarm:
             self.initial_peers = proc.maddrs
         return proc
 
+    def start_process(
+        self, name: str, args: Sequence[str], *, wait: bool = True, timeout: float = 120.0
+    ) -> SwarmProcess:
+        """Another ``potluck`` command that prints a readiness line (``potluck api``, ``potluck dashboard``)."""
+        proc = self._spawn(name, list(args))
+        if wait:
+            self.wait_ready([proc], timeout)
+        return proc
+
     def wait_ready(self, procs: Sequence[SwarmProcess], timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
         for proc in procs:

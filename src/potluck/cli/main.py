@@ -1,4 +1,4 @@
-"""``potluck`` command line: bootstrap, serve, generate, status, demo, bench."""
+"""``potluck`` command line: bootstrap, serve, generate, status, demo, bench, api, chat, dashboard."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any, NoReturn
 import configargparse
 
 from potluck import __version__
+from potluck.cli import api_commands
 from potluck.cli.errors import EXIT_INTERRUPTED, EXIT_USAGE, one_line, report
 from potluck.cli.serve_options import ENV_PREFIX, add_serve_arguments
 
@@ -194,6 +195,8 @@ def build_parser() -> PotluckParser:
     p.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate")
     p.add_argument("--no-failover", action="store_true", help="skip killing a server mid-generation")
 
+    api_commands.add_parsers(sub, _add_network)  # api, chat, dashboard
+
     p = sub.add_parser("bench", help="benchmarks that print JSON")
     bench = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
     b = bench.add_parser("inference", help="decode step time through a loopback swarm vs local")
@@ -291,6 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "demo": commands.demo,
             "finetune": commands.finetune,
             "bench": commands.bench,
+            **api_commands.HANDLERS,
         }[args.command]
         return int(handler(args) or 0)
     except KeyboardInterrupt:

@@ -135,6 +135,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "--no-direct", action="store_true", help="serve over libp2p only (encrypted; slower on busy hosts)"
     )
     net.add_argument(
+        "--metrics-port", type=int, default=_S.metrics_port,
+        help="serve Prometheus /metrics on this port of --host (0: any free port; default: off)",
+    )  # fmt: skip
+    net.add_argument(
         "--bandwidth-mbps", type=float, default=_S.bandwidth_mbps,
         help="this server's network bandwidth, for the announced throughput",
     )  # fmt: skip
@@ -272,7 +276,7 @@ def server_config_from_args(args: argparse.Namespace, *, model: str, device: str
             "max_inference_length", "max_batch_tokens", "max_alloc_timeout", "step_timeout", "session_timeout",
             "request_timeout", "update_period", "drain_timeout", "throughput", "compression", "bandwidth_mbps",
             "balance_quality", "balance_check_period", "start_delay_max", "inflight_frame_bytes",
-            "activation_bytes",
+            "activation_bytes", "metrics_port",
         )
     }  # fmt: skip
     expiration = args.expiration if args.expiration is not None else max(2 * args.update_period, 3.0)

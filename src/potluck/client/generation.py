@@ -136,12 +136,14 @@ def generate_tokens(
     *,
     streamer: Any = None,
     tokenizer: Any = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Generate up to ``params`` new tokens after ``input_ids [B, T]``; returns ``[B, T + N]``.
 
     ``step`` must return logits ``[B, V]`` of the last position it was given (``[B, T_new, V]`` is accepted too).
     Rows that hit eos get ``pad_token_id`` afterwards (defaults to the first eos id, as in HF); the loop ends
-    when every row hit eos or a stop string, or after the token budget.
+    when every row hit eos or a stop string, or after the token budget. ``generator`` (default: torch's global
+    RNG, as HF) draws the samples, so concurrent generations can each have their own seeded stream.
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, seq], got {tuple(input_ids.shape)}")
@@ -166,7 +168,7 @@ def generate_tokens(
         scores = processors(cast(torch.LongTensor, sequences), logits)  # [B, V]
         if params.do_sample:
             probs = torch.softmax(scores, dim=-1)  # [B, V]
-            next_tokens = torch.multinomial(probs, num_samples=1).squeeze(1)  # [B]
+            next_tokens = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)  # [B]
         else:
             next_tokens = torch.argmax(scores, dim=-1)  # [B]
         if has_eos:

@@ -41,6 +41,7 @@ class ServerConfig:
     inflight_frame_bytes: int = 2 << 30
     activation_bytes: int = 2 << 30  # training graphs kept for backward, in bytes; oldest evicted first
     # private swarm and connection limits: see ``node`` (NodeOptions.swarm_key_path, max_streams_per_peer/_total)
+    metrics_port: int | None = None  # serve Prometheus /metrics on this port of node.host (0: any; None: off)
 
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")

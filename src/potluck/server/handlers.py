@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from potluck.models import BlockSpan, KVCache, LoraWeights
+from potluck.server import metrics
 from potluck.server.activations import ActivationCache, KeptForward
 from potluck.server.cache_budget import CacheBudget, CacheFullError
 from potluck.server.config import ServerConfig
@@ -174,6 +175,7 @@ async def _send(
 
 
 async def _reply_error(writer: asyncio.StreamWriter, code: str, message: str, retryable: bool) -> None:
+    metrics.count_error(code)
     with contextlib.suppress(Exception):
         await asyncio.wait_for(
             write_message(writer, ErrorReply(code=code, message=message, retryable=retryable)),  # type: ignore[arg-type]
@@ -245,6 +247,7 @@ class Handlers:
                 PRIORITY_INFERENCE, lambda: span.new_cache(msg.batch_size, msg.max_length)
             )
             session_id = uuid.uuid4().hex
+            metrics.count_request("inference")
             self.s.sessions[session_id] = time.monotonic()
             logger.info(
                 "session %s from %s: blocks %d:%d, batch %d, max_length %d",
@@ -321,6 +324,7 @@ class Handlers:
                 PRIORITY_INFERENCE,
                 functools.partial(self._run_step, span, cache, tuning, hidden, msg.position, hypo_ids),
             )
+            metrics.count_step(hidden.shape[0], num_new)
             await _send(
                 writer,
                 InferenceStepResult(
@@ -380,6 +384,7 @@ class Handlers:
             return out.detach().to(device="cpu", dtype=hidden.dtype), self.s.activations.put(kept)
 
         out, activation_id = await self.s.compute(PRIORITY_FORWARD, run)
+        metrics.count_request("forward", hidden.shape[0] * hidden.shape[1])
         await _send(writer, ForwardResult(activation_id=activation_id), [out], msg.output_compression)
 
     async def backward(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -416,6 +421,7 @@ class Handlers:
             ]
 
         grads = await self.s.compute(PRIORITY_BACKWARD, run)
+        metrics.count_request("backward", hidden.shape[0] * hidden.shape[1])
         await _send(writer, BackwardResult(), grads, msg.output_compression)
 
     def _forward_with_graph(

@@ -16,6 +16,7 @@ import torch
 
 from potluck.models import BlockSpan, CheckpointError, load_config, load_span
 from potluck.models.fingerprint import checkpoint_fingerprint
+from potluck.server import metrics
 from potluck.server.activations import ActivationCache
 from potluck.server.cache_budget import CacheBudget
 from potluck.server.config import ServerConfig
@@ -143,6 +144,8 @@ class Server:
         runtime = Runtime()
         tasks: list[asyncio.Task[None]] = []
         direct: DirectServer | None = None
+        metrics_server: Any = None
+        metrics_port: int | None = None
         try:
             self._starting = asyncio.ensure_future(self._choose_and_load(length, start))
             try:
@@ -172,6 +175,12 @@ class Server:
                 ),
             )
             handlers = Handlers(self.state)
+            if cfg.metrics_port is not None:
+                state = self.state
+                metrics.bind_state(
+                    lambda: state.budget.used, lambda: state.budget.capacity, lambda: len(state.sessions)
+                )
+                metrics_server, metrics_port = metrics.start_metrics_server(cfg.node.host, cfg.metrics_port)
             routes = {
                 PROTOCOL_INFO: handlers.info,
                 PROTOCOL_INFERENCE: handlers.inference,
@@ -209,7 +218,13 @@ class Server:
             print(
                 "POTLUCK_READY "
                 + json.dumps(
-                    {"peer_id": self.node.peer_id, "start": span.start, "end": span.end, "maddrs": maddrs}
+                    {
+                        "peer_id": self.node.peer_id,
+                        "start": span.start,
+                        "end": span.end,
+                        "maddrs": maddrs,
+                        "metrics_port": metrics_port,
+                    }
                 ),
                 flush=True,
             )
@@ -218,6 +233,9 @@ class Server:
         finally:
             if direct is not None:
                 await direct.close()
+            if metrics_server is not None:
+                await asyncio.to_thread(metrics_server.shutdown)  # waits for its poll loop (<= 0.5 s)
+                metrics_server.server_close()
             for task in tasks:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

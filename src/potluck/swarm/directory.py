@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from potluck.swarm.records import (
+    MAX_LISTED_MODELS,
     MODELS_KEY,
     ModelRecord,
     SwarmSnapshot,
@@ -31,4 +32,4 @@ async def fetch_models(node: SwarmNode, *, timeout: float = 10.0) -> dict[str, M
         record = parse_model_record(raw)
         if record is not None and is_valid_prefix(prefix):
             models[prefix] = record
-    return dict(sorted(models.items()))
+    return dict(sorted(models.items())[:MAX_LISTED_MODELS])

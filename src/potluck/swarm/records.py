@@ -45,6 +45,7 @@ MAX_RAW_JSON_BYTES = 64 * 1024  # parse_record also accepts JSON text; refuse an
 MAX_PREFIX_CHARS = 128
 MAX_MADDRS = 8  # libp2p addresses shown by `potluck status`
 MAX_MADDR_CHARS = 256
+MAX_LISTED_MODELS = 256  # models `potluck status` and the dashboard list from MODELS_KEY
 
 _Count = Annotated[int, Field(strict=True, ge=0, le=1 << 40)]
 _Block = Annotated[int, Field(strict=True, ge=0, le=MAX_BLOCKS)]
