@@ -13,7 +13,7 @@ from potluck.api import schemas
 from potluck.api.app import create_app
 from potluck.api.engine import TextTracker
 from potluck.server import metrics as server_metrics
-from potluck.swarm.records import is_valid_prefix, parse_model_record
+from potluck.swarm.directory import models_from_entries
 
 
 @pytest.fixture(scope="module")
@@ -73,13 +73,11 @@ def test_request_validation() -> None:
 
 
 def test_model_entries_drop_hostile_values() -> None:
-    raw = {"good": {"num_blocks": 8}, "bad.dot": {"num_blocks": 8}, "neg": {"num_blocks": -1}, "str": {"num_blocks": "8"},
-           "big": {"num_blocks": 10**9}, "x" * 500: {"num_blocks": 1}, "notdict": 3}  # fmt: skip
-    records = {prefix: parse_model_record(value) for prefix, value in raw.items()}
-    kept = {
-        prefix: r.num_blocks for prefix, r in records.items() if r is not None and is_valid_prefix(prefix)
-    }
-    assert kept == {"good": 8}
+    entries = [{"prefix": "good", "num_blocks": 8}, {"prefix": "bad.dot", "num_blocks": 8}, {"prefix": "neg", "num_blocks": -1},
+               {"prefix": "str", "num_blocks": "8"}, {"prefix": "big", "num_blocks": 10**9}, {"prefix": "x" * 500, "num_blocks": 1},
+               3, {"prefix": "good", "num_blocks": 80}, {"prefix": "good", "num_blocks": 8}]  # fmt: skip
+    models = models_from_entries({f"peer{i}": value for i, value in enumerate(entries)})
+    assert {prefix: r.num_blocks for prefix, r in models.items()} == {"good": 8}  # the majority's depth wins
 
 
 def test_model_less_app_serves_dashboard_metrics_and_openai_errors() -> None:

@@ -199,8 +199,11 @@ def test_models_listing_and_model_records() -> None:
         "  b: 8 blocks, 2 servers online, missing blocks 6-7",
     ]
     assert render_models({"models": []}).startswith("this swarm serves no models")
-    assert parse_model_record({"num_blocks": 8, "name": "org/x"}) == ModelRecord(num_blocks=8, name="org/x")
-    for bad in ({"num_blocks": 0}, {"num_blocks": "8"}, {"name": "x"}, "junk", None, {"num_blocks": 10**9}):
+    assert parse_model_record({"prefix": "x", "num_blocks": 8, "name": "org/x"}) == ModelRecord(
+        prefix="x", num_blocks=8, name="org/x"
+    )
+    for bad in ({"prefix": "x", "num_blocks": 0}, {"prefix": "x", "num_blocks": "8"}, {"name": "x"}, "junk", None,
+                {"prefix": "x", "num_blocks": 10**9}, {"prefix": "a.b", "num_blocks": 8}, {"num_blocks": 8}):  # fmt: skip
         assert parse_model_record(bad) is None
 
 

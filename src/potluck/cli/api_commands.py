@@ -56,9 +56,9 @@ def add_parsers(sub: Any, add_network: Callable[..., None]) -> None:
     p.add_argument("--chat-template", default=None, metavar="FILE", help="Jinja chat template file")
     p.add_argument("--system", default=None, help="a system message opening the conversation")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply (tokens)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep this probability mass")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampling (default: random)")
     p.add_argument(
         "--max-length", type=int, default=None, help="conversation length limit (default: context)"
     )

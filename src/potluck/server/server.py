@@ -119,9 +119,9 @@ class Server:
         hub_name = (
             None if os.path.isdir(cfg.model) else cfg.model[:MAX_ADAPTER_CHARS]
         )  # local paths stay private
-        self._model_record = ModelRecord(num_blocks=self.num_model_blocks, name=hub_name).model_dump(
-            exclude_none=True
-        )
+        self._model_record = ModelRecord(
+            prefix=self.model_prefix, num_blocks=self.num_model_blocks, name=hub_name
+        ).model_dump(exclude_none=True)
 
         try:
             self.fingerprint = await asyncio.to_thread(
@@ -406,7 +406,7 @@ class Server:
         ttl = self.config.expiration if state != "offline" else min(self.config.expiration, 30.0)
         items = [(block_key(self.model_prefix, b), self.node.peer_id, value) for b in range(start, end)]
         if state != "offline":  # so that `potluck status` without a model can list what the swarm serves
-            items.append((MODELS_KEY, self.model_prefix, self._model_record))
+            items.append((MODELS_KEY, self.node.peer_id, self._model_record))
         ok = await self.node.store_many(items, expiration_time=SwarmNode.now() + ttl)
         if not ok:
             logger.debug("some DHT records of blocks %d:%d were not stored on every replica", start, end)

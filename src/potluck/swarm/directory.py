@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 from potluck.swarm.records import (
     MAX_LISTED_MODELS,
     MODELS_KEY,
@@ -25,11 +27,20 @@ async def fetch_snapshot(
 
 
 async def fetch_models(node: SwarmNode, *, timeout: float = 10.0) -> dict[str, ModelRecord]:
-    """The models servers announce under ``MODELS_KEY``: {model prefix: record}, malformed entries dropped."""
+    """The models servers announce under ``MODELS_KEY``: {model prefix: record}, malformed entries dropped.
+
+    Each server announces its own entry; where servers of one prefix disagree (a hostile one may lie about the
+    depth), the description most of them give wins."""
     found = (await node.get_many([MODELS_KEY], timeout=timeout)).get(MODELS_KEY, {})
-    models: dict[str, ModelRecord] = {}
-    for prefix, raw in found.items():
+    return models_from_entries(found)
+
+
+def models_from_entries(found: dict[str, object]) -> dict[str, ModelRecord]:
+    """{model prefix: the record most servers of it announce} from MODELS_KEY's {peer id: value}."""
+    votes: dict[str, collections.Counter[ModelRecord]] = collections.defaultdict(collections.Counter)
+    for raw in found.values():
         record = parse_model_record(raw)
-        if record is not None and is_valid_prefix(prefix):
-            models[prefix] = record
+        if record is not None and is_valid_prefix(record.prefix):
+            votes[record.prefix][record] += 1
+    models = {prefix: counter.most_common(1)[0][0] for prefix, counter in votes.items()}
     return dict(sorted(models.items())[:MAX_LISTED_MODELS])

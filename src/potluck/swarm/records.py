@@ -122,7 +122,8 @@ class ServerRecord(BaseModel):
 # --- which models a swarm serves ------------------------------------------------------------------------------
 
 MODELS_KEY = "_potluck.models"
-"""DHT key under which every server also announces its model: subkey = model prefix, value = ``ModelRecord``.
+"""DHT key under which every server also announces its model: subkey = the server's peer id (records are signed by
+the peer their subkey names, see ``signing.py``), value = ``ModelRecord`` naming the model prefix.
 ``potluck status`` without a model reads it to list what the swarm serves. (Not a block key: "models" is no index.)"""
 
 
@@ -131,6 +132,7 @@ class ModelRecord(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="ignore")
 
+    prefix: Annotated[str, Field(strict=True, pattern=_PREFIX_RE.pattern, max_length=MAX_PREFIX_CHARS)]
     num_blocks: Annotated[int, Field(strict=True, ge=1, le=MAX_BLOCKS)]  # transformer blocks of the model
     # the hub id the server loaded, if it was one (local paths are not announced)
     name: Annotated[str, Field(strict=True, min_length=1, max_length=MAX_ADAPTER_CHARS)] | None = None
