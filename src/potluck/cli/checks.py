@@ -80,7 +80,7 @@ def _check_hub_model(name: str, *, revision: str | None, token: str | None) -> N
 
 def check_maddrs(option: str, values: Sequence[str], *, need_peer_id: bool) -> None:
     """Every value must be a multiaddr (``/ip4/HOST/tcp/PORT/p2p/PEER_ID`` for peers to join through)."""
-    from potluck.swarm.transport import maddr_problem
+    from potluck.swarm.multiaddrs import maddr_problem
 
     for value in values:
         problem = maddr_problem(value, need_peer_id=need_peer_id)

@@ -20,7 +20,6 @@ from typing import Any
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils import get_dht_time
-from hivemind.utils.multiaddr import Multiaddr
 
 from potluck.swarm.node_options import NodeOptions
 
@@ -33,21 +32,6 @@ StreamHandler = Callable[[str, asyncio.StreamReader, asyncio.StreamWriter], Awai
 
 class SwarmError(RuntimeError):
     """The swarm could not be joined or reached."""
-
-
-def maddr_problem(text: str, *, need_peer_id: bool = True) -> str | None:
-    """Why ``text`` is not a usable multiaddr (``None`` if it is); peers to join through need ``/p2p/<id>``."""
-    try:
-        protocols = [p.name for p in Multiaddr(text).protocols()]
-    except Exception as e:  # the parser raises several ValueError subclasses, and worse on odd input
-        return str(e).replace(f"Invalid MultiAddr {text!r}", "").strip(" :") or type(e).__name__
-    if not any(name in protocols for name in ("ip4", "ip6", "dns", "dns4", "dns6")):
-        return "no /ip4, /ip6 or /dns part"
-    if "tcp" not in protocols and "udp" not in protocols:
-        return "no /tcp/PORT part"
-    if need_peer_id and "p2p" not in protocols:
-        return "no /p2p/PEER_ID part"
-    return None
 
 
 def _daemon_error(error: Exception, options: NodeOptions) -> SwarmError:
