@@ -52,3 +52,18 @@ def maddr_problem(text: str, *, need_peer_id: bool = True) -> str | None:
     if need_peer_id and "p2p" not in protocols:
         return "no /p2p/PEER_ID part"
     return None
+
+
+def tcp_endpoint(text: str) -> tuple[str, int] | None:
+    """(ip, port) of an ``/ip4|ip6/.../tcp/...`` multiaddr; None for others (dns, udp, ...) or invalid ones."""
+    try:
+        addr = _multiaddr_module().Multiaddr(text)
+        names = [p.name for p in addr.protocols()]
+        if "tcp" not in names:
+            return None
+        for family in ("ip4", "ip6"):
+            if family in names:
+                return str(addr.value_for_protocol(family)), int(addr.value_for_protocol("tcp"))
+    except Exception:
+        return None
+    return None
