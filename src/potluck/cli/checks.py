@@ -80,7 +80,7 @@ def _check_hub_model(name: str, *, revision: str | None, token: str | None) -> N
 
 def check_maddrs(option: str, values: Sequence[str], *, need_peer_id: bool) -> None:
     """Every value must be a multiaddr (``/ip4/HOST/tcp/PORT/p2p/PEER_ID`` for peers to join through)."""
-    from potluck.swarm.transport import maddr_problem
+    from potluck.swarm.multiaddrs import maddr_problem
 
     for value in values:
         problem = maddr_problem(value, need_peer_id=need_peer_id)
@@ -115,3 +115,25 @@ def check_port_free(host: str, port: int, option: str) -> None:
             raise CommandError(
                 f"cannot listen on {host}:{port} ({e.strerror}): pass another {option}"
             ) from None
+
+
+def check_peers_reachable(peers: Sequence[str], timeout: float = 3.0) -> None:
+    """Fail at once, naming the addresses, when no initial peer accepts a TCP connection; the real join (p2pd)
+    would fail too, only after seconds of start-up. Peers that cannot be probed (dns, udp) count as reachable."""
+    from potluck.swarm.multiaddrs import tcp_endpoint
+
+    problems = []
+    for peer in peers:
+        endpoint = tcp_endpoint(peer)
+        if endpoint is None:
+            return
+        try:
+            socket.create_connection(endpoint, timeout=timeout).close()
+            return
+        except OSError as e:
+            problems.append(f"{peer} ({e.strerror or type(e).__name__})")
+    if problems:
+        raise CommandError(
+            f"could not reach any initial peer ({'; '.join(problems)}): check that the bootstrap peer is running "
+            "there and that the address is the one it printed"
+        )

@@ -93,7 +93,7 @@ def _check_span_fits(args: argparse.Namespace, model: str) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from potluck.cli.checks import check_maddrs, check_model, check_port_free
+    from potluck.cli.checks import check_maddrs, check_model, check_peers_reachable, check_port_free
     from potluck.cli.serve_options import check_serve_flags, server_config_from_args
 
     # Order: what costs nothing first (flags, paths), then what imports hivemind/torch, then the network.
@@ -101,16 +101,20 @@ def serve(args: argparse.Namespace) -> int:
     model = check_model(args.model, revision=args.revision, token=args.token)
     check_maddrs("--initial-peers", args.initial_peers, need_peer_id=True)
     check_maddrs("--announce-maddrs", args.announce_maddrs, need_peer_id=False)
-    device = _resolve_device(args.device)
-    config = server_config_from_args(args, model=model, device=device)
-    if args.dtype == "float16" and device == "cpu":
-        warn(
-            "--dtype float16 on CPU is slow (most CPUs have no fp16 matmul kernels): prefer float32 or bfloat16"
-        )
-    _check_span_fits(args, model)
     check_port_free(args.host, args.port, "--port")
-    if config.direct_port:
-        check_port_free(args.host, config.direct_port, "--direct-port")
+    if not args.no_direct:
+        check_port_free(args.host, args.direct_port, "--direct-port")
+    fp16_on_cpu = (
+        "--dtype float16 on CPU is slow (most CPUs have no fp16 matmul kernels): prefer float32 or bfloat16"
+    )
+    if args.dtype == "float16" and args.device == "cpu":
+        warn(fp16_on_cpu)  # now, before anything else can fail
+    _check_span_fits(args, model)
+    check_peers_reachable(args.initial_peers)
+    device = _resolve_device(args.device)  # imports torch (seconds) unless --device cpu
+    if args.dtype == "float16" and device == "cpu" and args.device != "cpu":
+        warn(fp16_on_cpu)
+    config = server_config_from_args(args, model=model, device=device)
 
     from potluck.server.server import run_server
 
@@ -162,10 +166,11 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _check_client_args(args: argparse.Namespace) -> str:
-    from potluck.cli.checks import check_maddrs, check_model
+    from potluck.cli.checks import check_maddrs, check_model, check_peers_reachable
 
     model = check_model(args.model)
     check_maddrs("--initial-peers", args.initial_peers, need_peer_id=True)
+    check_peers_reachable(args.initial_peers)
     return model
 
 
@@ -222,11 +227,12 @@ def _explain_missing_blocks(error: Exception, prefix: str, waited: float) -> Exc
 
 
 def status(args: argparse.Namespace) -> int:
-    from potluck.cli.checks import check_maddrs, check_model, looks_like_local_path
+    from potluck.cli.checks import check_maddrs, check_model, check_peers_reachable, looks_like_local_path
 
     if args.model is not None and (looks_like_local_path(args.model) or os.path.isdir(args.model)):
         check_model(args.model)  # a DHT name or hub id needs no download: the swarm says how deep it is
     check_maddrs("--initial-peers", args.initial_peers, need_peer_id=True)
+    check_peers_reachable(args.initial_peers)
     from potluck.cli.status import gather_models, gather_status, render_models, render_status
 
     if args.model is None and args.model_prefix is None:

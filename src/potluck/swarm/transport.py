@@ -24,7 +24,6 @@ from hivemind.dht.node import DHTNode
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils import get_dht_time
-from hivemind.utils.multiaddr import Multiaddr
 
 from potluck.errors import SwarmError, TransportError
 from potluck.swarm import link
@@ -43,21 +42,6 @@ StreamHandler = Callable[[str, asyncio.StreamReader, asyncio.StreamWriter], Awai
 
 
 __all__ = ["NodeOptions", "SwarmError", "SwarmNode", "TransportError", "linger"]
-
-
-def maddr_problem(text: str, *, need_peer_id: bool = True) -> str | None:
-    """Why ``text`` is not a usable multiaddr (``None`` if it is); peers to join through need ``/p2p/<id>``."""
-    try:
-        protocols = [p.name for p in Multiaddr(text).protocols()]
-    except Exception as e:  # the parser raises several ValueError subclasses, and worse on odd input
-        return str(e).replace(f"Invalid MultiAddr {text!r}", "").strip(" :") or type(e).__name__
-    if not any(name in protocols for name in ("ip4", "ip6", "dns", "dns4", "dns6")):
-        return "no /ip4, /ip6 or /dns part"
-    if "tcp" not in protocols and "udp" not in protocols:
-        return "no /tcp/PORT part"
-    if need_peer_id and "p2p" not in protocols:
-        return "no /p2p/PEER_ID part"
-    return None
 
 
 class SignedRecordValidator(RecordValidatorBase):
