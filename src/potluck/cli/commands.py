@@ -96,6 +96,19 @@ def _client_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return kwargs
 
 
+def draft_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``generate`` keywords for ``--draft`` (speculative decoding): the draft is loaded once, here."""
+    if not getattr(args, "draft", None):
+        return {}
+    from potluck.client.speculative import SpeculationStats, load_draft
+
+    return {
+        "assistant_model": load_draft(args.draft),
+        "num_assistant_tokens": args.num_assistant_tokens,
+        "speculation_stats": SpeculationStats(),
+    }
+
+
 def generate(args: argparse.Namespace) -> int:
     import torch
     from transformers import TextStreamer
@@ -118,11 +131,21 @@ def generate(args: argparse.Namespace) -> int:
         if args.repetition_penalty:
             sampling["repetition_penalty"] = args.repetition_penalty
         streamer = TextStreamer(model.tokenizer)
+        speculation = draft_kwargs(args)
         t0 = time.perf_counter()
-        out = model.generate(input_ids, max_new_tokens=args.max_new_tokens, streamer=streamer, **sampling)
+        out = model.generate(
+            input_ids, max_new_tokens=args.max_new_tokens, streamer=streamer, **sampling, **speculation
+        )
         dt = time.perf_counter() - t0
         new = out.shape[1] - input_ids.shape[1]
         print(f"\n[{new} tokens in {dt:.2f}s, {new / max(dt, 1e-9):.1f} tokens/s]", file=sys.stderr)
+        if speculation:
+            st = speculation["speculation_stats"]
+            print(
+                f"[draft: {st.tokens_per_round:.2f} tokens per round trip, "
+                f"{st.acceptance_rate:.0%} of proposals accepted]",
+                file=sys.stderr,
+            )
     finally:
         model.shutdown()
     return 0
@@ -153,9 +176,10 @@ def demo(args: argparse.Namespace) -> int:
 
 def bench(args: argparse.Namespace) -> int:
     from potluck.cli import bench as bench_mod
+    from potluck.cli.bench_speculative import bench_inference_with_draft, wants_draft
 
     runners = {
-        "inference": bench_mod.bench_inference,
+        "inference": bench_inference_with_draft if wants_draft(args) else bench_mod.bench_inference,
         "failover": bench_mod.bench_failover,
         "train": bench_mod.bench_train,
     }

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from potluck import __version__
+from potluck.cli.bench_speculative import add_bench_draft_arguments
 
 
 def _blocks(text: str) -> tuple[int, int]:
@@ -30,6 +31,20 @@ def _add_network(p: argparse.ArgumentParser, *, peers_required: bool) -> None:
     )
     p.add_argument(
         "--host", default=None, help="interface to listen on (default 0.0.0.0; 127.0.0.1 for loopback)"
+    )
+
+
+def add_draft_arguments(p: argparse.ArgumentParser) -> None:
+    """Speculative decoding options (``generate``; ``chat`` and ``api`` take the same)."""
+    p.add_argument(
+        "--draft", default=None, metavar="MODEL",
+        help="a small local model with the same tokenizer that proposes tokens the swarm checks in one step",
+    )  # fmt: skip
+    p.add_argument(
+        "--num-assistant-tokens",
+        type=int,
+        default=4,
+        help="draft tokens per round trip to start with (adapts)",
     )
 
 
@@ -107,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=float, default=None)
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
     p.add_argument("--model-prefix", default=None, help="DHT name of the model (default: from MODEL)")
+    add_draft_arguments(p)
 
     p = sub.add_parser("status", help="show which servers hold each block")
     p.add_argument("model", help="HF hub name or local checkpoint directory")
@@ -159,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--new-tokens", type=int, default=64)
     b.add_argument("--hop-delay-ms", type=float, default=0.0, help="emulated one-way delay per hop (ms)")
     b.add_argument("--compression", default="none", choices=["none", "fp16", "bf16", "int8"])
+    add_bench_draft_arguments(b)
     b = bench.add_parser("train", help="forward+backward step through a loopback swarm vs local")
     b.add_argument("--json", action="store_true", help="print only the JSON result")
     b.add_argument("--model", default=None, help="checkpoint (default: the standard bench model)")
