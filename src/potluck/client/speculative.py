@@ -21,8 +21,9 @@ Batch size 1 only (rows would accept different numbers of tokens), as in transfo
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -333,6 +334,18 @@ def _fit_vocab(logits: torch.Tensor, vocab: int) -> torch.Tensor:
     return torch.cat([logits, pad], dim=-1)
 
 
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """One-token draft steps are latency- and memory-bound: like the servers' decode steps, they run on one
+    thread, so OpenMP workers waiting on cores that other processes hold cannot stall them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @torch.no_grad()
 def speculative_generate(
     target: CachedLM,
@@ -393,7 +406,8 @@ def speculative_generate(
                 extended = torch.cat([extended, torch.tensor([[token]])], dim=1)
                 if token in eos_ids or i == k - 1:
                     break
-                logits = draft.run(extended[:, -1:], extended.shape[1] - 1)[0, -1]
+                with _one_thread():
+                    logits = draft.run(extended[:, -1:], extended.shape[1] - 1)[0, -1]
         draft_seconds = time.perf_counter() - t0
         # 2. the target checks the last known token + the proposals in one step
         t0 = time.perf_counter()
