@@ -53,6 +53,15 @@ def test_generate_and_status_commands_on_a_model_with_a_tokenizer(
         assert gen.returncode == 0, gen.stderr[-2000:]
         assert gen.stdout.startswith("Hello swarm") and len(gen.stdout.strip()) > len("Hello swarm")
         assert "12 tokens in" in gen.stderr
+        spec = subprocess.run(
+            [*base, "generate", path, *peers, "--prompt", "Hello swarm", "--max-new-tokens", "12", "--draft", path],
+            capture_output=True, text=True, timeout=120, env=env,
+        )  # fmt: skip
+        assert spec.returncode == 0, spec.stderr[-2000:]
+        assert (
+            spec.stdout == gen.stdout
+        )  # greedy: the draft (here the model itself) changes nothing but speed
+        assert "tokens per round trip, 100% of proposals accepted" in spec.stderr
         status = subprocess.run(
             [*base, "status", path, *peers], capture_output=True, text=True, timeout=120, env=env
         )

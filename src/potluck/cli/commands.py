@@ -174,6 +174,19 @@ def _check_client_args(args: argparse.Namespace) -> str:
     return model
 
 
+def draft_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``generate`` keywords for ``--draft`` (speculative decoding): the draft is loaded once, here."""
+    if not getattr(args, "draft", None):
+        return {}
+    from potluck.client.speculative import SpeculationStats, load_draft
+
+    return {
+        "assistant_model": load_draft(args.draft),
+        "num_assistant_tokens": args.num_assistant_tokens,
+        "speculation_stats": SpeculationStats(),
+    }
+
+
 def generate(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
         raise UsageError('--prompt is empty: pass the text to continue, e.g. --prompt "Once upon a time"')
@@ -198,14 +211,24 @@ def generate(args: argparse.Namespace) -> int:
             torch.manual_seed(args.seed)
         streamer = TextStreamer(model.tokenizer)
         logger.info("joined the swarm; generating %d tokens", args.max_new_tokens)
+        speculation = draft_kwargs(args)
         t0 = time.perf_counter()
         try:
-            out = model.generate(input_ids, max_new_tokens=args.max_new_tokens, streamer=streamer, **sampling)
+            out = model.generate(
+                input_ids, max_new_tokens=args.max_new_tokens, streamer=streamer, **sampling, **speculation
+            )
         except Exception as e:
             raise _explain_missing_blocks(e, model.view.model_prefix, args.wait_for_servers) from e
         dt = time.perf_counter() - t0
         new = out.shape[1] - input_ids.shape[1]
         print(f"\n[{new} tokens in {dt:.2f}s, {new / max(dt, 1e-9):.1f} tokens/s]", file=sys.stderr)
+        if speculation:
+            st = speculation["speculation_stats"]
+            print(
+                f"[draft: {st.tokens_per_round:.2f} tokens per round trip, "
+                f"{st.acceptance_rate:.0%} of proposals accepted]",
+                file=sys.stderr,
+            )
     finally:
         model.shutdown()
     return 0
@@ -267,9 +290,10 @@ def demo(args: argparse.Namespace) -> int:
 def bench(args: argparse.Namespace) -> int:
     from potluck.cli import bench as bench_mod
     from potluck.cli.bench_channel import bench_channel
+    from potluck.cli.bench_speculative import bench_inference_with_draft, wants_draft
 
     runners = {
-        "inference": bench_mod.bench_inference,
+        "inference": bench_inference_with_draft if wants_draft(args) else bench_mod.bench_inference,
         "failover": bench_mod.bench_failover,
         "train": bench_mod.bench_train,
         "channel": bench_channel,

@@ -13,6 +13,7 @@ import configargparse
 
 from potluck import __version__
 from potluck.cli import api_commands
+from potluck.cli.bench_speculative import add_bench_draft_arguments
 from potluck.cli.errors import EXIT_INTERRUPTED, EXIT_USAGE, one_line, report
 from potluck.cli.serve_options import ENV_PREFIX, add_serve_arguments
 
@@ -55,6 +56,20 @@ def _add_network(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="FILE",
         help="private swarm: file with the secret all its peers share (default: an open swarm)",
+    )
+
+
+def add_draft_arguments(p: argparse.ArgumentParser) -> None:
+    """Speculative decoding options (``generate``; ``chat`` and ``api`` take the same)."""
+    p.add_argument(
+        "--draft", default=None, metavar="MODEL",
+        help="a small local model with the same tokenizer that proposes tokens the swarm checks in one step",
+    )  # fmt: skip
+    p.add_argument(
+        "--num-assistant-tokens",
+        type=int,
+        default=4,
+        help="draft tokens per round trip to start with (adapts)",
     )
 
 
@@ -138,6 +153,7 @@ def build_parser() -> PotluckParser:
         default=60.0,
         help="when blocks have no server, wait this long for one to join before failing (s)",
     )
+    add_draft_arguments(p)
 
     p = sub.add_parser(
         "status",
@@ -225,6 +241,7 @@ def build_parser() -> PotluckParser:
     b.add_argument("--no-direct", action="store_true", help="client uses libp2p only (no direct TCP path)")
     b.add_argument("--replicas", type=int, default=1, help="servers per span (>1 lets verification run)")
     b.add_argument("--verify-fraction", type=float, default=0.05, help="client's verify_fraction")
+    add_bench_draft_arguments(b)
     b = bench.add_parser("train", help="forward+backward step through a loopback swarm vs local")
     b.add_argument("--json", action="store_true", help="print only the JSON result")
     b.add_argument("--model", default=None, help="checkpoint (default: the standard bench model)")

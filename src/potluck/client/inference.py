@@ -266,6 +266,17 @@ class RemoteInferenceSession:
         self.position = position + num_new
         return x[:, position - x_start :]
 
+    def rollback(self, position: int) -> None:
+        """Forget positions >= ``position`` (rejected draft tokens): no message is sent; the next step starts
+        there and the servers drop the rest of their caches then. The per-hop histories are cut too, so a
+        failover replays only the positions kept."""
+        if not 0 <= position <= self.position:
+            raise ValueError(f"cannot roll back to {position}: the session holds {self.position} tokens")
+        self.position = position
+        for hop in self.hops:
+            hop.history.truncate(min(position, hop.history.length))
+            hop.server_length = min(hop.server_length, position)
+
     async def _send(self, hop: HopSession, x: torch.Tensor, position: int) -> torch.Tensor:
         """One or more step messages to ``hop`` (long replays are split); returns outputs for all of ``x``."""
         cfg = self.view.config

@@ -26,6 +26,7 @@ from potluck.client.generation import GenerationParams, generate_tokens
 from potluck.client.inference import RemoteInferenceSession
 from potluck.client.loop import LoopThread, shared_loop
 from potluck.client.remote_blocks import LOOP_GRACE, RemoteBlocks, remote_blocks
+from potluck.client.speculative import Speculation, SpeculationStats, load_draft
 from potluck.client.swarm_view import SwarmView
 from potluck.client.tuning import TUNING_MODES, PromptTuning, RemoteLora, TuningPayload, default_lora_targets
 from potluck.client.verification import VerificationRollback
@@ -69,6 +70,10 @@ class InferenceSession:
         # The step's one deadline (request_timeout) is inside the call; the loop wait only guards a stuck loop.
         timeout = self.model.client_config.request_timeout + LOOP_GRACE
         return self.model.loop.run(self.remote.step(hidden, position=position), timeout=timeout)
+
+    def rollback(self, position: int) -> None:
+        """Forget tokens at positions >= ``position`` (speculative decoding drops rejected draft tokens)."""
+        self.remote.rollback(position + self.prefix_length)
 
     def close(self) -> None:
         self.model.loop.run(self.remote.close(), timeout=10)
@@ -255,6 +260,10 @@ class DistributedModelForCausalLM(nn.Module):
         streamer: Any = None,
         session: InferenceSession | None = None,
         tokenizer: Any = None,
+        assistant_model: Any = None,
+        num_assistant_tokens: int = 4,
+        num_assistant_tokens_schedule: str = "heuristic",
+        speculation_stats: SpeculationStats | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
         """HF-compatible generation (greedy, sampling, repetition penalty, eos/stop, streamers).
@@ -264,6 +273,12 @@ class DistributedModelForCausalLM(nn.Module):
         Inside ``inference_session``, ``input_ids`` may either repeat the tokens already processed (they are
         skipped) or hold only new tokens, which continue the conversation; the result is the session's whole
         token sequence.
+
+        ``assistant_model`` (a draft: checkpoint path, ``LocalCausalLM``, transformers model or
+        :func:`~potluck.client.speculative.load_draft` result) turns on speculative decoding: the draft proposes
+        ``num_assistant_tokens`` tokens (adapted to its acceptance rate unless the schedule is ``"constant"``)
+        that the swarm checks in one step; greedy output is unchanged, sampled output keeps its distribution.
+        ``speculation_stats`` (a ``SpeculationStats``) is filled in with rounds and acceptance.
         """
         session = session or self.active_session
         if input_ids is None:
@@ -282,14 +297,20 @@ class DistributedModelForCausalLM(nn.Module):
         ):  # HF default: stop at the checkpoint's eos; an explicit None never stops
             kwargs["eos_token_id"] = getattr(self.config, "eos_token_id", None)
         params = GenerationParams.from_kwargs(None, max_new_tokens=max_new_tokens, **kwargs)
+        speculation = None
+        if assistant_model is not None:
+            speculation = Speculation(
+                load_draft(assistant_model), num_assistant_tokens, num_assistant_tokens_schedule,
+                speculation_stats if speculation_stats is not None else SpeculationStats(),
+            )  # fmt: skip
         if session is None:
             with self.inference_session(
                 input_ids.shape[1] + max_new_tokens, batch_size=input_ids.shape[0]
             ) as s:
-                return self._generate_in(s, input_ids, 0, params, streamer, tokenizer)
+                return self._generate_in(s, input_ids, 0, params, streamer, tokenizer, speculation)
         if input_ids.shape[1] < already:
             raise RuntimeError(f"the session holds {already} tokens but only {input_ids.shape[1]} were given")
-        return self._generate_in(session, input_ids, already, params, streamer, tokenizer)
+        return self._generate_in(session, input_ids, already, params, streamer, tokenizer, speculation)
 
     def _generate_in(
         self,
@@ -299,7 +320,14 @@ class DistributedModelForCausalLM(nn.Module):
         params: GenerationParams,
         streamer: Any,
         tokenizer: Any = None,
+        speculation: Speculation | None = None,
     ) -> torch.Tensor:
+        if speculation is not None:
+            out = speculation.generate(
+                self, session, input_ids, params, streamer, tokenizer or self.tokenizer
+            )
+            session.token_ids = out
+            return out
         first = True
         seen = input_ids  # [B, n] every token given to the loop so far (to resume after a rollback)
 

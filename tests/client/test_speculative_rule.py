@@ -1,0 +1,199 @@
+"""Speculative decoding without a swarm: the acceptance rule's distribution, and the loop on a local target."""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from scipy import stats as scipy_stats
+
+from potluck.client.generation import GenerationParams, generate_tokens
+from potluck.client.speculative import (
+    DraftLengthController,
+    LocalDraft,
+    SpanRunner,
+    SpeculationStats,
+    add_weight_noise,
+    speculative_generate,
+    verify_greedy,
+    verify_sampled,
+)
+from potluck.models import LocalCausalLM
+
+SIGNIFICANCE = 1e-3  # a correct rule fails a fixed-seed test with this probability (once, then never)
+
+
+def _chi2_pvalue(counts: Counter[Any], expected_probs: dict[Any, float], n: int) -> float:
+    """Pearson chi-square p-value; outcomes expected fewer than 5 times are pooled into one cell."""
+    observed, expected, rare_obs, rare_exp = [], [], 0.0, 0.0
+    for outcome, prob in expected_probs.items():
+        if prob * n < 5:
+            rare_obs += counts.get(outcome, 0)
+            rare_exp += prob * n
+        else:
+            observed.append(counts.get(outcome, 0))
+            expected.append(prob * n)
+    if rare_exp > 0:
+        observed.append(rare_obs)
+        expected.append(rare_exp)
+    assert sum(observed) == n, "an outcome outside the expected support was produced"
+    total = sum(expected)  # float32 probabilities: rescale so the totals agree exactly
+    return float(scipy_stats.chisquare(observed, [e * n / total for e in expected]).pvalue)
+
+
+# --- the acceptance rule alone -----------------------------------------------------------------------------
+
+
+def test_sampled_rule_reproduces_the_target_distribution() -> None:
+    vocab, k, n = 6, 2, 20000
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(k + 1, vocab, generator=g) * 1.5, dim=-1)  # target after each prefix
+    q = torch.softmax(torch.randn(k, vocab, generator=g) * 1.5, dim=-1)  # a poor draft
+    firsts: Counter[int] = Counter()
+    draft_firsts: Counter[int] = Counter()
+    kept_total = 0
+    for _ in range(n):
+        drafts = [int(torch.multinomial(q[i], 1, generator=g)) for i in range(k)]
+        kept, nxt = verify_sampled(p, q, drafts, generator=g)
+        first = drafts[0] if kept > 0 else nxt
+        firsts[first] += 1
+        draft_firsts[drafts[0]] += 1
+        kept_total += kept
+    target = {t: float(p[0, t]) for t in range(vocab)}
+    assert _chi2_pvalue(firsts, target, n) > SIGNIFICANCE
+    # the same test tells the draft's own distribution apart from the target's (it is not vacuous)
+    assert _chi2_pvalue(draft_firsts, target, n) < 1e-12
+    # and the rule keeps what it should: E[min(1, p/q)] under q = sum(min(p, q)) for the first proposal
+    assert kept_total > 0
+
+
+def test_sampled_rule_with_the_target_as_draft_keeps_everything() -> None:
+    g = torch.Generator().manual_seed(1)
+    p = torch.softmax(torch.randn(4, 5, generator=g), dim=-1)
+    for _ in range(200):
+        drafts = [int(torch.multinomial(p[i], 1, generator=g)) for i in range(3)]
+        kept, _ = verify_sampled(p, p[:3], drafts, generator=g)
+        assert kept == 3
+
+
+def test_greedy_rule_keeps_the_longest_agreeing_prefix() -> None:
+    scores = torch.tensor([[0.0, 5, 1], [3, 0, 1], [0, 1, 9], [2, 0, 0]])  # argmax 1, 0, 2, 0
+    assert verify_greedy(scores, [1, 0, 2]) == (3, 0)
+    assert verify_greedy(scores, [1, 2, 2]) == (1, 0)
+    assert verify_greedy(scores, [0, 0, 2]) == (0, 1)
+    assert verify_greedy(scores[:1], []) == (0, 1)
+
+
+def test_draft_length_follows_acceptance_and_cost() -> None:
+    best = DraftLengthController.best_k
+    assert best(0.0, 0.1, 16) == 1  # a draft that is never right: propose as little as possible
+    assert best(0.99, 0.001, 16) == 16  # nearly always right and nearly free: propose the most
+    assert best(0.7, 0.05, 16) > best(0.7, 0.3, 16)  # a costlier draft proposes fewer
+    assert best(0.9, 0.05, 16) > best(0.5, 0.05, 16)  # a better draft proposes more
+    c = DraftLengthController(4, 8)
+    for _ in range(20):
+        c.update(proposed=c.k, kept=0, draft_seconds=0.01, target_seconds=0.1)
+    assert c.k == 1 and c.acceptance < 0.2
+
+
+# --- the loop on a local target ----------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny models: one thread is many times faster than several competing for a busy machine's cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_vocab_model(tmp_path_factory: pytest.TempPathFactory) -> LocalCausalLM:
+    """A 2-block Llama over an 8-token vocabulary, weights scaled so its distributions are neither flat nor peaked."""
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(3)
+    hf = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(20)
+    path = Path(tmp_path_factory.mktemp("tiny-vocab"))
+    hf.save_pretrained(path)
+    return LocalCausalLM.from_pretrained(str(path))
+
+
+def _plain(model: LocalCausalLM, prompt: torch.Tensor, params: GenerationParams) -> torch.Tensor:
+    runner = SpanRunner(model.client, model.span, 64)
+    return generate_tokens(lambda ids: runner.run(ids, runner.length)[:, -1], prompt, params)
+
+
+def _speculative(
+    target: LocalCausalLM, draft: Any, prompt: torch.Tensor, params: GenerationParams, k: int = 3, **kw: Any
+) -> tuple[torch.Tensor, SpeculationStats]:
+    stats = SpeculationStats()
+    out = speculative_generate(
+        SpanRunner(target.client, target.span, 64),
+        draft.runner(64),
+        prompt,
+        params,
+        DraftLengthController(k, max(k, 8), adaptive=kw.pop("adaptive", True)),
+        vocab_size=target.spec.vocab_size,
+        stats=stats,
+        **kw,
+    )
+    return out, stats
+
+
+def test_local_greedy_equals_plain_greedy(tiny_vocab_model: LocalCausalLM) -> None:
+    prompt = torch.tensor([[1, 5, 2, 7]])
+    params = GenerationParams(max_new_tokens=30)
+    expected = _plain(tiny_vocab_model, prompt, params)
+    same, same_stats = _speculative(
+        tiny_vocab_model, LocalDraft(tiny_vocab_model), prompt, params, adaptive=False
+    )  # k stays 3: every round yields 4 tokens
+    noisy = LocalDraft(add_weight_noise(copy.deepcopy(tiny_vocab_model), 1.0, seed=1))
+    half, half_stats = _speculative(tiny_vocab_model, noisy, prompt, params)
+    assert torch.equal(same, expected) and torch.equal(half, expected)
+    assert same_stats.acceptance_rate == 1.0 and same_stats.rounds == 8  # ceil(30 / 4)
+    assert 0 < half_stats.accepted < half_stats.drafted
+
+
+def _joint_of_two(model: LocalCausalLM, prompt: torch.Tensor, vocab: int) -> dict[tuple[int, int], float]:
+    """Exact probability of each pair of first two sampled tokens (temperature 1, no truncation)."""
+    with torch.inference_mode():
+        first = torch.softmax(model(input_ids=prompt).logits[0, -1], -1)  # [V]
+        both = torch.cat([prompt.repeat(vocab, 1), torch.arange(vocab)[:, None]], dim=1)  # [V, T+1]
+        second = torch.softmax(model(input_ids=both).logits[:, -1], -1)  # [V, V]
+    return {(a, b): float(first[a] * second[a, b]) for a in range(vocab) for b in range(vocab)}
+
+
+def test_local_sampled_output_has_the_target_distribution(tiny_vocab_model: LocalCausalLM) -> None:
+    """The first two sampled tokens (64 outcomes) follow the target's joint distribution, computed exactly."""
+    prompt = torch.tensor([[3, 1, 4]])
+    params = GenerationParams(max_new_tokens=2, do_sample=True, top_k=None)
+    draft_model = add_weight_noise(copy.deepcopy(tiny_vocab_model), 1.0, seed=2)
+    target_joint = _joint_of_two(tiny_vocab_model, prompt, 8)
+    draft_joint = _joint_of_two(draft_model, prompt, 8)  # what the draft alone would produce
+    torch.manual_seed(1234)
+    n = 2000
+    counts: Counter[tuple[int, int]] = Counter()
+    total = SpeculationStats()
+    for _ in range(n):
+        out, stats = _speculative(
+            tiny_vocab_model, LocalDraft(draft_model), prompt, params, k=1, adaptive=False
+        )
+        counts[(int(out[0, -2]), int(out[0, -1]))] += 1
+        total.accepted += stats.accepted
+        total.drafted += stats.drafted
+    assert 0.2 < total.acceptance_rate < 0.95  # the draft is neither perfect nor useless
+    assert _chi2_pvalue(counts, target_joint, n) > SIGNIFICANCE
+    assert _chi2_pvalue(counts, draft_joint, n) < 1e-6  # the test tells the draft's distribution apart
