@@ -67,6 +67,7 @@ def serve(args: argparse.Namespace) -> int:
         model_prefix=args.model_prefix,
         device=device,
         dtype=args.dtype,
+        quant=args.quant,
         revision=args.revision,
         token=args.token,
         public_name=args.public_name,

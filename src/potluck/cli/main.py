@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--identity", default=None, metavar="FILE", help="private key file for a fixed peer id")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--quant", default="none", choices=["none", "int8", "nf4", "auto"],
+        help="quantize the blocks' linear layers with bitsandbytes (auto: nf4 on CUDA if bf16 would not fit)",
+    )  # fmt: skip
     p.add_argument("--public-name", default=None, help="a name shown by `potluck status`")
     p.add_argument("--cache-tokens", type=int, default=16384, help="KV-cache budget in batch*tokens")
     p.add_argument("--max-inference-length", type=int, default=8192, help="largest max_length of one session")

@@ -42,6 +42,8 @@ def snapshot_report(snapshot: SwarmSnapshot) -> dict[str, Any]:
                     "inference_rps": round(r.inference_rps, 2),
                     "cache_tokens_left": r.cache_tokens_left,
                     "dtype": r.dtype,
+                    "quant": r.quant,
+                    "block_bytes": r.block_bytes,
                     "version": r.version,
                 }
             )
@@ -69,12 +71,16 @@ def render_status(report: dict[str, Any]) -> str:
     for block in report["blocks"]:
         for s in block["servers"]:
             seen.setdefault(s["peer_id"], s)
-    lines.append(f"{'peer':<14} {'name':<14} {'span':<9} {'state':<8} {'tok/s/blk':>10} {'cache left':>10}")
+    lines.append(
+        f"{'peer':<14} {'name':<14} {'span':<9} {'state':<8} {'tok/s/blk':>10} {'cache left':>10} "
+        f"{'quant':<6} {'MiB/blk':>8}"
+    )
     for peer, s in sorted(seen.items(), key=lambda kv: (kv[1]["span"], kv[0])):
         span = f"{s['span'][0]}:{s['span'][1]}"
         lines.append(
             f"…{peer[-12:]:<13} {str(s['name'] or '-'):<14} {span:<9} {s['state']:<8} "
-            f"{s['throughput']:>10.1f} {s['cache_tokens_left']:>10}"
+            f"{s['throughput']:>10.1f} {s['cache_tokens_left']:>10} "
+            f"{s.get('quant', 'none'):<6} {s.get('block_bytes', 0) / 2**20:>8.1f}"
         )
     missing = report["missing_blocks"]
     lines.append(f"missing blocks: {format_block_ranges(missing)}" if missing else "all blocks are covered")

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 
 from potluck.models.client_parts import ClientParts
+from potluck.models.quant import check_quant, quantize_module
 from potluck.models.registry import ModelFamily, get_family
 from potluck.models.span import BlockSpan, check_block_range
 
@@ -146,8 +147,13 @@ def load_span(
     token: str | bool | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     config: PretrainedConfig | None = None,
+    quant: str = "none",
 ) -> BlockSpan:
-    """Blocks ``start..end-1`` with weights read from the checkpoint (and nothing else)."""
+    """Blocks ``start..end-1`` with weights read from the checkpoint (and nothing else).
+
+    ``quant`` (none | int8 | nf4) quantizes the blocks' linear layers with bitsandbytes (:mod:`potluck.models.quant`)
+    block by block as they load, so the unquantized weights of at most one block are in memory at a time.
+    """
     if config is None:
         config = load_config(name_or_path, revision=revision, token=token, cache_dir=cache_dir)
     family = get_family(config)
@@ -156,6 +162,14 @@ def load_span(
     checkpoint = SafetensorsCheckpoint(name_or_path, revision=revision, token=token, cache_dir=cache_dir)
     with torch.device("meta"):
         span = BlockSpan(spec, family, start, end)
+    if check_quant(quant) != "none":
+        for local, block in enumerate(span.blocks):
+            wanted = {key: family.block_prefix(start + local) + key for key in block.state_dict()}
+            block.load_state_dict(
+                checkpoint.read(wanted, family.base_prefix, dtype, device), strict=True, assign=True
+            )
+            quantize_module(block, check_quant(quant), device, dtype)
+        return span.eval()
     wanted = {
         f"blocks.{local}.{key}": family.block_prefix(start + local) + key
         for local, block in enumerate(span.blocks)

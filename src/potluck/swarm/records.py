@@ -92,6 +92,11 @@ class ServerRecord(BaseModel):
         tuple[Annotated[str, Field(strict=True, pattern=r"^[A-Za-z0-9.\-\[\]:]{1,80}:[0-9]{1,5}$")], ...],
         Field(max_length=4),
     ] = ()  # "host:port" of the server's plain-TCP data path, if it has one (see swarm/direct.py)
+    # quantization of the span's linear layers (none | int8 | nf4; see models/quant.py); older servers: none
+    quant: Annotated[str, Field(strict=True, min_length=1, max_length=MAX_DTYPE_CHARS)] = "none"
+    block_bytes: _Count = (
+        0  # bytes of weights one block takes in the server's memory (quantized size); 0 = unknown
+    )
     announced_at: _Rate = 0.0  # DHT time of this announcement; a peer's newest record wins (0 = unknown)
     next_pings: Annotated[dict[_PeerKey, _Rate], Field(max_length=MAX_NEXT_PINGS)] = {}
     # ^ RTT in seconds from this server to peers holding the block right after its span (for server-to-server
