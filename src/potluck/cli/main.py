@@ -163,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--new-tokens", type=int, default=64)
     b.add_argument("--hop-delay-ms", type=float, default=0.0, help="emulated one-way delay per hop (ms)")
     b.add_argument("--compression", default="none", choices=["none", "fp16", "bf16", "int8"])
+    b.add_argument(
+        "--quant", default="none", choices=["none", "int8", "nf4"],
+        help="int8/nf4: a quantized swarm vs an unquantized one in the same run (sizes, step time, KL vs fp32)",
+    )  # fmt: skip
+    b.add_argument(
+        "--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="compute dtype with --quant"
+    )
     b = bench.add_parser("train", help="forward+backward step through a loopback swarm vs local")
     b.add_argument("--json", action="store_true", help="print only the JSON result")
     b.add_argument("--model", default=None, help="checkpoint (default: the standard bench model)")
