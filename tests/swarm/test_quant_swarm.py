@@ -144,3 +144,26 @@ def test_failover_replacement_keeps_the_quant_requirement(setup: dict[str, Any])
         )
     assert used != victim and used != setup["procs"]["int8"].peer_id
     assert torch.equal(out, want) and torch.equal(first, want[:, :10])
+
+
+def test_prompt_tuning_gradients_through_int8_match_transformers(setup: dict[str, Any]) -> None:
+    import torch.nn.functional as F
+
+    from quant_models import hf_quantized
+
+    ids = torch.randint(3, 250, (2, 10), generator=torch.Generator().manual_seed(11))
+    with _client(setup, allowed_quant=("int8",), tuning_mode="ptune", pre_seq_len=3) as model:
+        with torch.no_grad():
+            model.prompts.prompt_embeddings.normal_(0, 0.5, generator=torch.Generator().manual_seed(12))
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        prefix = model.prompts.prompt_embeddings.detach().clone().requires_grad_(True)
+        grad = model.prompts.prompt_embeddings.grad
+    hf = hf_quantized(setup["path"], "int8")
+    embeds = torch.cat([prefix.unsqueeze(0).expand(2, -1, -1), hf.get_input_embeddings()(ids)], dim=1)
+    logits = hf(inputs_embeds=embeds).logits[:, 3:]  # [2, 10, V]
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    ref.backward()
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=0)
+    assert grad is not None and grad.abs().sum() > 0
+    torch.testing.assert_close(grad, prefix.grad, atol=1e-4, rtol=0)
