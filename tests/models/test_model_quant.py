@@ -124,3 +124,32 @@ def test_bench_model_block_sizes() -> None:
 def test_unknown_quant_is_refused(quant_checkpoint: str) -> None:
     with pytest.raises(QuantizationError, match="unknown quantization"):
         load_span(quant_checkpoint, 0, 1, quant="int4")
+
+
+def test_server_held_peft_adapter_on_nf4_span_matches_peft_on_transformers_nf4(
+    quant_checkpoint: str, tmp_path: Any
+) -> None:
+    """The server's path for ``--adapters``: a PEFT adapter loaded with load_adapters, applied on an nf4 span."""
+    import peft
+
+    from potluck.models import LoraConfig, LoraWeights, save_peft_adapter
+    from potluck.server.tuning import load_adapters
+
+    span = load_span(quant_checkpoint, 0, 2, quant="nf4").requires_grad_(False)
+    config = LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "down_proj"))
+    adapter = LoraWeights.init_random(span.spec, config, 0, 2, generator=torch.Generator().manual_seed(5))
+    adapter_dir = tmp_path / "adapter"
+    save_peft_adapter(str(adapter_dir), adapter, span.spec, base_model_name_or_path=quant_checkpoint)
+    held = load_adapters((str(adapter_dir),), span.spec, 0, 2, dtype=torch.float32, device="cpu")["adapter"]
+    parts = load_client_parts(quant_checkpoint)
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(6))
+    from quant_models import hf_quantized
+
+    # a fresh model: PEFT injects its layers in place, the module's cached oracle must stay plain
+    ref = peft.PeftModel.from_pretrained(hf_quantized(quant_checkpoint, "nf4"), str(adapter_dir)).eval()
+    with torch.inference_mode():
+        got = parts.head(span(parts.pre_blocks(parts.embed(ids)), lora=held))
+        plain = parts.head(span(parts.pre_blocks(parts.embed(ids))))
+        want = ref(input_ids=ids).logits.float()
+    torch.testing.assert_close(got, want, atol=LOGITS_ATOL, rtol=0)
+    assert (got - plain).abs().max() > 100 * LOGITS_ATOL  # the adapter really changed the output
