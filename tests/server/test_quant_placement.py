@@ -16,7 +16,11 @@ def _config() -> Any:
     import transformers
 
     return transformers.LlamaConfig(
-        vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=64, num_attention_heads=16
+        vocab_size=32000,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=64,
+        num_attention_heads=16,
     )
 
 
@@ -38,7 +42,9 @@ def test_num_blocks_sizing_uses_the_quantized_block_size(monkeypatch: pytest.Mon
     nf4 = size_num_blocks(config, torch.bfloat16, "cuda:0", 1024, "nf4")
     int8 = size_num_blocks(config, torch.bfloat16, "cuda:0", 1024, "int8")
     assert plain == 10
-    expected_nf4 = int(free * placement.MEMORY_FRACTION) // (block_bytes(config, torch.bfloat16, "nf4") + cache)
+    expected_nf4 = int(free * placement.MEMORY_FRACTION) // (
+        block_bytes(config, torch.bfloat16, "nf4") + cache
+    )
     assert nf4 == expected_nf4 and nf4 > int8 > plain
     # the whole model would not fit in bf16 here, so `auto` picks nf4 on CUDA
     assert not placement.span_fits(config, torch.bfloat16, "cuda:0", 1024, None)
