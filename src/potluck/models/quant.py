@@ -119,26 +119,18 @@ def quantize_module(
     return module
 
 
-def is_quantized_layer(module: nn.Module) -> bool:
-    """True for the bitsandbytes layers this module creates."""
-    try:
-        import bitsandbytes as bnb
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(module, bnb.nn.Linear8bitLt | bnb.nn.Linear4bit)
+_BNB_LAYERS: dict[str, QuantMode] = {"Linear8bitLt": "int8", "Linear4bit": "nf4"}
 
 
 def module_quant(module: nn.Module) -> QuantMode:
-    """The quantization of the linear layers inside ``module`` (``none`` when there are no bnb layers)."""
-    try:
-        import bitsandbytes as bnb
-    except ImportError:  # pragma: no cover
-        return "none"
+    """The quantization of the linear layers inside ``module`` (``none`` when there are no bnb layers).
+
+    Looks at class names so that unquantized servers never pay for importing bitsandbytes.
+    """
     for child in module.modules():
-        if isinstance(child, bnb.nn.Linear8bitLt):
-            return "int8"
-        if isinstance(child, bnb.nn.Linear4bit):
-            return "nf4"
+        cls = type(child)
+        if cls.__module__.startswith("bitsandbytes") and cls.__name__ in _BNB_LAYERS:
+            return _BNB_LAYERS[cls.__name__]
     return "none"
 
 

@@ -24,7 +24,7 @@ from potluck.server.handlers import (
     Handlers,
     ServerState,
 )
-from potluck.server.placement import choose_quant, size_num_blocks, span_fits
+from potluck.server.placement import block_bytes, choose_quant, size_num_blocks, span_fits
 from potluck.server.runtime import Runtime, threads_for
 from potluck.server.throughput import get_throughput
 from potluck.server.tuning import load_adapters
@@ -87,6 +87,7 @@ class Server:
             fits_unquantized=cfg.quant != "auto"
             or span_fits(hf_config, self.dtype, cfg.device, cfg.cache_tokens, wanted),
         )
+        self.block_bytes = block_bytes(hf_config, self.dtype, self.quant)  # estimate until the span is loaded
         if cfg.blocks is not None:
             start, end = cfg.blocks
             if not (0 <= start < end <= self.num_model_blocks):
