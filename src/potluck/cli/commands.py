@@ -298,6 +298,10 @@ def bench(args: argparse.Namespace) -> int:
         "train": bench_mod.bench_train,
         "channel": bench_channel,
     }
+    if args.bench == "inference" and getattr(args, "quant", "none") != "none":
+        from potluck.cli.bench_quant import bench_inference_quant
+
+        runners["inference"] = bench_inference_quant
     result = runners[args.bench](args)
     text = json.dumps(result, indent=None if args.json else 2)
     print(text)

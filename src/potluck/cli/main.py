@@ -241,6 +241,13 @@ def build_parser() -> PotluckParser:
     b.add_argument("--no-direct", action="store_true", help="client uses libp2p only (no direct TCP path)")
     b.add_argument("--replicas", type=int, default=1, help="servers per span (>1 lets verification run)")
     b.add_argument("--verify-fraction", type=float, default=0.05, help="client's verify_fraction")
+    b.add_argument(
+        "--quant", default="none", choices=["none", "int8", "nf4"],
+        help="int8/nf4: a quantized swarm vs an unquantized one in the same run (sizes, step time, KL vs fp32)",
+    )  # fmt: skip
+    b.add_argument(
+        "--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="compute dtype with --quant"
+    )
     add_bench_draft_arguments(b)
     b = bench.add_parser("train", help="forward+backward step through a loopback swarm vs local")
     b.add_argument("--json", action="store_true", help="print only the JSON result")

@@ -156,6 +156,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="weights and compute dtype; auto: bfloat16 on CUDA, float32 on CPU",
     )  # fmt: skip
     model.add_argument(
+        "--quant", default=_S.quant, choices=("none", "int8", "nf4", "auto"),
+        help="quantize the blocks' linear layers with bitsandbytes (auto: nf4 on CUDA where bf16 would not fit, "
+        "none on CPU)",
+    )  # fmt: skip
+    model.add_argument(
         "--adapters", nargs="*", default=list(_S.adapters), metavar="DIR",
         help="PEFT LoRA adapters to preload; clients pick one by its directory name",
     )  # fmt: skip
@@ -272,7 +277,7 @@ def server_config_from_args(args: argparse.Namespace, *, model: str, device: str
     fields: dict[str, Any] = {
         name: getattr(args, name)
         for name in (
-            "blocks", "num_blocks", "model_prefix", "dtype", "revision", "token", "public_name", "cache_tokens",
+            "blocks", "num_blocks", "model_prefix", "dtype", "quant", "revision", "token", "public_name", "cache_tokens",
             "max_inference_length", "max_batch_tokens", "max_alloc_timeout", "step_timeout", "session_timeout",
             "request_timeout", "update_period", "drain_timeout", "throughput", "compression", "bandwidth_mbps",
             "balance_quality", "balance_check_period", "start_delay_max", "inflight_frame_bytes",

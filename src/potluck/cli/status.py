@@ -105,6 +105,8 @@ def snapshot_report(snapshot: SwarmSnapshot, alive: dict[str, bool] | None = Non
                 "cache_tokens_left": r.cache_tokens_left,
                 "max_inference_length": r.max_inference_length,
                 "dtype": r.dtype,
+                "quant": r.quant,
+                "block_bytes": r.block_bytes,
                 "version": r.version,
                 "adapters": list(r.adapters),
                 "maddrs": list(r.maddrs),
@@ -217,7 +219,7 @@ def render_status(report: dict[str, Any]) -> str:
     if servers:
         lines.append(
             f"{'peer':<14} {'name':<14} {'span':<9} {'status':<8} {'tok/s/blk':>10} {'cache left':>10} "
-            f"{'version':<8} adapters / addresses"
+            f"{'quant':<6} {'MiB/blk':>8} {'version':<8} adapters / addresses"
         )
     for s in sorted(servers, key=lambda s: (s["span"], s["peer_id"])):
         span = f"{s['span'][0]}:{s['span'][1]}"
@@ -225,7 +227,8 @@ def render_status(report: dict[str, Any]) -> str:
         addrs = " ".join(s["maddrs"] + s["direct_addrs"]) or "-"
         lines.append(
             f"…{s['peer_id'][-12:]:<13} {str(s['name'] or '-'):<14} {span:<9} {s['status']:<8} "
-            f"{s['throughput']:>10.1f} {s['cache_tokens_left']:>10} {s['version']:<8} {adapters} {addrs}"
+            f"{s['throughput']:>10.1f} {s['cache_tokens_left']:>10} {s['quant']:<6} "
+            f"{s['block_bytes'] / 2**20:>8.1f} {s['version']:<8} {adapters} {addrs}"
         )
     missing = report["missing_blocks"]
     lines.append(f"missing blocks: {format_block_ranges(missing)}" if missing else "all blocks are covered")

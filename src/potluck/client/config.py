@@ -28,6 +28,8 @@ class ClientConfig:
     max_replay_tokens: int = 4096  # a replay to a replacement server goes in steps of at most this many
     allowed_servers: tuple[str, ...] = ()  # if set, route only through these peer ids
     blocked_servers: tuple[str, ...] = ()  # never route through these peer ids
+    # route only through servers whose blocks use one of these quantizations (none | int8 | nf4); empty: any
+    allowed_quant: tuple[str, ...] = ()
     show_route: bool = False  # log each route chosen
     use_direct: bool = True  # use a server's plain-TCP data path when it announces one (else libp2p only)
     tuning_mode: str | None = None  # None | "ptune" (soft prompt) | "deep_ptune" (+ a prompt per block)
@@ -52,7 +54,7 @@ class ClientConfig:
         """Take this config's fields out of ``kwargs``; return (config, remaining kwargs)."""
         names = {f.name for f in fields(cls)}
         mine = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
-        for key in ("initial_peers", "allowed_servers", "blocked_servers", "lora_targets"):
+        for key in ("initial_peers", "allowed_servers", "blocked_servers", "lora_targets", "allowed_quant"):
             if key in mine and isinstance(mine[key], str):
                 mine[key] = (mine[key],)
             if key in mine:

@@ -33,6 +33,7 @@ from potluck.swarm.routing import (
     find_forward_route,
     find_inference_route,
     format_route,
+    servers_without_quant,
     unservable_blocks_error,
 )
 from potluck.swarm.transport import NodeOptions, SwarmNode, TransportError
@@ -166,6 +167,7 @@ class SwarmView:
         out.update(self.config.blocked_servers)
         if self.config.allowed_servers:
             out.update(p for p in self.snapshot.servers if p not in self.config.allowed_servers)
+        out.update(servers_without_quant(self.snapshot, self.config.allowed_quant))
         return out
 
     # --- streams ---------------------------------------------------------------------------------------

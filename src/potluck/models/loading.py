@@ -21,6 +21,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from potluck.models.client_parts import ClientParts
 from potluck.models.family import ModelFamily, TensorSources
+from potluck.models.quant import check_quant, quantize_module
 from potluck.models.registry import get_family
 from potluck.models.span import BlockSpan, check_block_range
 
@@ -149,10 +150,13 @@ def load_span(
     cache_dir: str | os.PathLike[str] | None = None,
     config: PretrainedConfig | None = None,
     progress: bool = False,
+    quant: str = "none",
 ) -> BlockSpan:
     """Blocks ``start..end-1`` with weights read from the checkpoint (and nothing else).
 
     ``progress``: show a tqdm bar over the blocks on stderr (a server's start-up may take minutes).
+    ``quant`` (none | int8 | nf4) quantizes the blocks' linear layers with bitsandbytes (:mod:`potluck.models.quant`)
+    block by block as they load, so the unquantized weights of at most one block are in memory at a time.
     """
     if config is None:
         config = load_config(name_or_path, revision=revision, token=token, cache_dir=cache_dir)
@@ -162,6 +166,7 @@ def load_span(
     checkpoint = SafetensorsCheckpoint(name_or_path, revision=revision, token=token, cache_dir=cache_dir)
     with torch.device("meta"):
         span = BlockSpan(spec, family, start, end)
+    quant = check_quant(quant)
     tensors: dict[str, torch.Tensor] = {}
     blocks = list(enumerate(span.blocks))
     if progress:
@@ -175,12 +180,12 @@ def load_span(
         for key in block.state_dict():
             name, sources = prefix + key, family.block_tensor_sources(spec, key)
             if sources is None or checkpoint.resolve(name, family.base_prefix) is not None:
-                wanted[f"blocks.{local}.{key}"] = name
+                wanted[key] = name
             elif isinstance(sources, str):
-                wanted[f"blocks.{local}.{key}"] = prefix + sources
+                wanted[key] = prefix + sources
             else:
-                assembled[f"blocks.{local}.{key}"] = [[prefix + part for part in parts] for parts in sources]
-        tensors.update(checkpoint.read(wanted, family.base_prefix, dtype, device))
+                assembled[key] = [[prefix + part for part in parts] for parts in sources]
+        block_tensors = checkpoint.read(wanted, family.base_prefix, dtype, device)
         if assembled:
             parts_wanted = {
                 name: name for sources in assembled.values() for parts in sources for name in parts
@@ -188,9 +193,16 @@ def load_span(
             parts = checkpoint.read(parts_wanted, family.base_prefix, dtype, device)
             for key, sources in assembled.items():
                 # stack along a new dim 0 (experts) what is concatenated along dim 0 (e.g. gate and up projections)
-                tensors[key] = torch.stack(
+                block_tensors[key] = torch.stack(
                     [torch.cat([parts.pop(name) for name in names]) for names in sources]
                 )
+        if quant != "none":  # quantize as we go: one block's full-precision weights in memory at a time
+            block.load_state_dict(block_tensors, strict=True, assign=True)
+            quantize_module(block, quant, device, dtype)
+        else:
+            tensors.update({f"blocks.{local}.{key}": t for key, t in block_tensors.items()})
+    if quant != "none":
+        return span.eval()
     span.load_state_dict(tensors, strict=True, assign=True)
     return span.eval()
 

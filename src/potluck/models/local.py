@@ -62,12 +62,13 @@ class LocalCausalLM(nn.Module):
         revision: str | None = None,
         token: str | bool | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
+        quant: str = "none",
     ) -> LocalCausalLM:
         hub: dict[str, Any] = {"revision": revision, "token": token, "cache_dir": cache_dir}
         config = load_config(name_or_path, **hub)
         client = load_client_parts(name_or_path, dtype, device, config=config, **hub)
         num_blocks = client.spec.num_blocks
-        span = load_span(name_or_path, 0, num_blocks, dtype, device, config=config, **hub)
+        span = load_span(name_or_path, 0, num_blocks, dtype, device, config=config, quant=quant, **hub)
         return cls(client, span).eval()
 
     @property

@@ -48,8 +48,18 @@ class BlockSpan(nn.Module):
         return f"model_type={self.spec.model_type}, start={self.start}, end={self.end}"
 
     def _param_dtype_device(self) -> tuple[torch.dtype, torch.device]:
-        param = next(self.parameters())
+        """The compute dtype and device: those of the first floating-point parameter (quantized layers hold
+        int8 / packed uint8 weights, the norms keep the span's dtype)."""
+        param = next(p for p in self.parameters() if p.is_floating_point())
         return param.dtype, param.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._param_dtype_device()[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self._param_dtype_device()[1]
 
     def forward(
         self,

@@ -16,6 +16,9 @@ class ServerConfig:
     model_prefix: str | None = None  # DHT name of the model; default derived from ``model``
     device: str = "cpu"  # torch device for the blocks and caches
     dtype: str = "auto"  # float32 | bfloat16 | float16 | auto (bf16 on CUDA, fp32 on CPU)
+    # linear layers of the blocks: none | int8 | nf4 (bitsandbytes) | auto (nf4 on CUDA where the span would not
+    # fit in bf16, else none); `dtype` stays the compute dtype of the norms, activations and KV cache
+    quant: str = "none"
     revision: str | None = None  # hub revision of the checkpoint
     token: str | None = None  # hub token for gated models
     public_name: str | None = None  # a human name shown by `potluck status`
@@ -45,3 +48,4 @@ class ServerConfig:
 
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+QUANT_CHOICES = ("none", "int8", "nf4", "auto")

@@ -91,11 +91,11 @@ class ServerState:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.span.parameters()).dtype
+        return self.span.dtype
 
     @property
     def device(self) -> torch.device:
-        return next(self.span.parameters()).device
+        return self.span.device
 
     def info(self) -> InfoResponse:
         return InfoResponse(

@@ -16,12 +16,13 @@ import torch
 
 from potluck.models import BlockSpan, CheckpointError, load_config, load_span
 from potluck.models.fingerprint import checkpoint_fingerprint
+from potluck.models.quant import module_bytes
 from potluck.server import metrics
 from potluck.server.activations import ActivationCache
 from potluck.server.cache_budget import CacheBudget
 from potluck.server.config import ServerConfig
 from potluck.server.handlers import Handlers, ServerState
-from potluck.server.placement import size_num_blocks
+from potluck.server.placement import block_bytes, choose_quant, size_num_blocks, span_fits
 from potluck.server.runtime import Runtime, threads_for
 from potluck.server.throughput import get_throughput
 from potluck.server.tuning import load_adapters
@@ -81,6 +82,8 @@ class Server:
         self._throughput: dict[str, float] = {}
         self._rng = random.Random()
         self.dtype = resolve_dtype(config.dtype, config.device)
+        self.quant = config.quant  # resolved in run() where `auto` needs the model's size
+        self.block_bytes = 0  # measured on the loaded span, announced in the records
         self.num_model_blocks = 0
         self.moves = 0
         self._direct_addrs: tuple[str, ...] = ()
@@ -104,6 +107,14 @@ class Server:
         cfg = self.config
         hf_config = load_config(cfg.model, revision=cfg.revision, token=cfg.token)
         self.num_model_blocks = int(hf_config.num_hidden_layers)
+        wanted = cfg.blocks[1] - cfg.blocks[0] if cfg.blocks is not None else cfg.num_blocks
+        self.quant = choose_quant(
+            cfg.quant,
+            cfg.device,
+            fits_unquantized=cfg.quant != "auto"
+            or span_fits(hf_config, self.dtype, cfg.device, cfg.cache_tokens, wanted),
+        )
+        self.block_bytes = block_bytes(hf_config, self.dtype, self.quant)  # estimate until the span is loaded
         if cfg.blocks is not None:
             start, end = cfg.blocks
             if not (0 <= start < end <= self.num_model_blocks):
@@ -114,7 +125,9 @@ class Server:
             length = end - start
         else:
             start = None
-            length = cfg.num_blocks or size_num_blocks(hf_config, self.dtype, cfg.device, cfg.cache_tokens)
+            length = cfg.num_blocks or size_num_blocks(
+                hf_config, self.dtype, cfg.device, cfg.cache_tokens, self.quant
+            )
             length = max(1, min(length, self.num_model_blocks))
         hub_name = (
             None if os.path.isdir(cfg.model) else cfg.model[:MAX_ADAPTER_CHARS]
@@ -277,7 +290,15 @@ class Server:
     async def _load(self, start: int, end: int) -> BlockSpan:
         cfg = self.config
         await self._announce("joining", start, end, cache_left=cfg.cache_tokens)
-        logger.info("loading blocks %d:%d of %s (%s, %s)", start, end, cfg.model, self.dtype, cfg.device)
+        logger.info(
+            "loading blocks %d:%d of %s (%s, %s, quant %s)",
+            start,
+            end,
+            cfg.model,
+            self.dtype,
+            cfg.device,
+            self.quant,
+        )
         span = await asyncio.to_thread(
             load_span,
             cfg.model,
@@ -288,8 +309,10 @@ class Server:
             revision=cfg.revision,
             token=cfg.token,
             progress=True,
+            quant=self.quant,
         )
         span.requires_grad_(False)
+        self.block_bytes = module_bytes(span) // span.num_blocks
         noise = float(os.environ.get(TEST_LIE_ENV, "0") or 0)
         if noise > 0:  # TEST ONLY: a dishonest server, so tests can show the client's verification catches it
             logger.warning("%s=%g: this server adds noise to its outputs (test only)", TEST_LIE_ENV, noise)
@@ -397,6 +420,8 @@ class Server:
             version=_version(),
             public_name=self.config.public_name,
             adapters=tuple(self.state.adapters) if self.state is not None else (),
+            quant=self.quant,
+            block_bytes=self.block_bytes,
             direct_addrs=self._direct_addrs,
             maddrs=self._maddrs,
             announced_at=SwarmNode.now(),
@@ -427,7 +452,7 @@ def direct_addrs(host: str, port: int, maddrs: list[str]) -> tuple[str, ...]:
 def _warm_up(span: BlockSpan) -> None:
     """On the compute thread, before the first client: touch every weight page, start the thread pool, and run a
     prefill-sized and a decode-sized step so one-time allocations are not charged to a user's first request."""
-    param = next(span.parameters())
+    param = next(p for p in span.parameters() if p.is_floating_point())  # not a quantized weight
     hidden = int(span.spec.hidden_size)
     with torch.inference_mode():
         for tokens in (64, 1):

@@ -38,7 +38,7 @@ def device_name(device: torch.device) -> str:
 def measure_compute(span: BlockSpan, *, steps: int = 4, tokens: int = 64) -> dict[str, float]:
     """Time a few one-token decode steps and one short forward of ``span``; rates per block."""
     n = span.end - span.start
-    param = next(span.parameters())
+    param = next(p for p in span.parameters() if p.is_floating_point())  # not a quantized weight
     hidden = int(span.spec.hidden_size)
     with torch.inference_mode():
         cache = span.new_cache(1, steps + 2)
@@ -75,9 +75,10 @@ def get_throughput(
     cache_file: Path | None = None,
 ) -> dict[str, float]:
     """Per-block rates for this server: from the disk cache, else measured now (and cached)."""
-    param = next(span.parameters())
+    param = next(p for p in span.parameters() if p.is_floating_point())  # not a quantized weight
     key = (
         f"v{CACHE_VERSION}|{model_key}|{device_name(param.device)}|{str(param.dtype).removeprefix('torch.')}"
+        + _quant_suffix(span)
     )
     path = cache_file or cache_root() / "throughput.json"
     cached = _read(path)
@@ -122,3 +123,11 @@ def _write(path: Path, data: dict[str, dict[str, float]]) -> None:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _quant_suffix(span: BlockSpan) -> str:
+    """Quantized spans run other kernels, so their rates are cached apart (unquantized keys stay as they were)."""
+    from potluck.models.quant import module_quant
+
+    quant = module_quant(span)
+    return "" if quant == "none" else f"|{quant}"

@@ -99,6 +99,11 @@ class ServerRecord(BaseModel):
         tuple[Annotated[str, Field(strict=True, min_length=1, max_length=MAX_MADDR_CHARS)], ...],
         Field(max_length=MAX_MADDRS),
     ] = ()  # the server's libp2p multiaddrs, for humans (`potluck status`); clients dial by peer id
+    # quantization of the span's linear layers (none | int8 | nf4; see models/quant.py); older servers: none
+    quant: Annotated[str, Field(strict=True, min_length=1, max_length=MAX_DTYPE_CHARS)] = "none"
+    block_bytes: _Count = (
+        0  # bytes of weights one block takes in the server's memory (quantized size); 0 = unknown
+    )
     announced_at: _Rate = 0.0  # DHT time of this announcement; a peer's newest record wins (0 = unknown)
     # largest batch*tokens one step / forward may carry on this server; 0 = not announced (older servers)
     max_batch_tokens: _Count = 0

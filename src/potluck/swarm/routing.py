@@ -417,3 +417,29 @@ def route_cost(
 def format_route(route: Sequence[RouteHop], *, peer_chars: int = 8) -> str:
     """Compact human form for logs and the CLI: "Qm3xk1ab:0-4 -> Zp9a2bcd:4-8" (last chars of each peer id)."""
     return " -> ".join(f"{hop.peer_id[-peer_chars:]}:{hop.start}-{hop.end}" for hop in route)
+
+
+# --- quantization requirement ------------------------------------------------------------------------------------
+
+QUANT_NAMES = (
+    "none",
+    "int8",
+    "nf4",
+)  # what servers announce (models/quant.py); kept here so routing stays pure
+
+
+def servers_without_quant(snapshot: SwarmSnapshot, allowed_quant: Collection[str]) -> set[str]:
+    """Peer ids of servers whose announced quantization is not in ``allowed_quant`` (empty: any is allowed).
+
+    The client adds them to the servers it routes around, so first routes and failover replacements alike keep
+    the requirement.
+    """
+    if not allowed_quant:
+        return set()
+    unknown = sorted(set(allowed_quant) - set(QUANT_NAMES))
+    if unknown:
+        raise ValueError(
+            f"unknown quantization(s) {unknown} in allowed_quant; choose from {', '.join(QUANT_NAMES)}"
+        )
+    allowed = set(allowed_quant)
+    return {peer for peer, span in snapshot.servers.items() if span.record.quant not in allowed}
