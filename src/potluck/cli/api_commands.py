@@ -63,6 +63,9 @@ def add_parsers(sub: Any, add_network: Callable[..., None]) -> None:
         "--max-length", type=int, default=None, help="conversation length limit (default: context)"
     )
     _client_args(p)
+    from potluck.cli.main import add_draft_arguments  # --draft, --num-assistant-tokens (speculative decoding)
+
+    add_draft_arguments(p)
 
     p = sub.add_parser("dashboard", help="serve the live swarm dashboard (no model needed)")
     p.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR", help="swarm peers to join")
@@ -194,6 +197,9 @@ def chat(args: argparse.Namespace) -> int:
         max_length = min(args.max_length or engine.context_length, engine.context_length)
         if args.seed is not None:
             torch.manual_seed(args.seed)
+        from potluck.cli.commands import draft_kwargs
+
+        speculation = draft_kwargs(args)  # a local draft proposes tokens the swarm checks in one step
         sampling: dict[str, Any] = {"do_sample": args.temperature > 0}
         if args.temperature > 0:
             sampling.update(temperature=args.temperature, top_p=args.top_p, top_k=None)
@@ -225,7 +231,7 @@ def chat(args: argparse.Namespace) -> int:
                 print("assistant> ", end="", flush=True)
                 out = model.generate(
                     new_ids.input_ids, session=session, max_new_tokens=min(args.max_new_tokens, room),
-                    streamer=streamer, **sampling,
+                    streamer=streamer, **sampling, **speculation,
                 )  # fmt: skip
                 print(streamer.tracker.flush(), flush=True)  # text held back for a partial character
                 answer = engine.tokenizer.decode(out[0, -streamer.count :], skip_special_tokens=True)
