@@ -83,6 +83,8 @@ def serve(args: argparse.Namespace) -> int:
         balance_check_period=args.balance_check_period,
         start_delay_max=args.start_delay_max,
         adapters=tuple(args.adapters),
+        peer_cache_tokens=args.peer_cache_tokens,
+        step_token_budget=args.step_token_budget,
     )
     return run_server(config)
 

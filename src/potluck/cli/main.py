@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-tokens", type=int, default=16384, help="KV-cache budget in batch*tokens")
     p.add_argument("--max-inference-length", type=int, default=8192, help="largest max_length of one session")
     p.add_argument("--max-batch-tokens", type=int, default=16384, help="largest batch*tokens of one request")
+    p.add_argument(
+        "--peer-cache-tokens", type=int, default=None, help="cache one client peer may hold (default: half)"
+    )
+    p.add_argument(
+        "--step-token-budget", type=int, default=256, help="rows*tokens of one batched step (prefill chunks)"
+    )
     p.add_argument("--model-prefix", default=None, help="DHT name of the model (default: from MODEL)")
     p.add_argument("--step-timeout", type=float, default=300.0, help="close sessions idle this long (s)")
     p.add_argument("--update-period", type=float, default=15.0, help="re-announce records this often (s)")
