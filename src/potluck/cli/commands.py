@@ -155,11 +155,13 @@ def demo(args: argparse.Namespace) -> int:
 
 def bench(args: argparse.Namespace) -> int:
     from potluck.cli import bench as bench_mod
+    from potluck.cli.bench_serve import bench_serve
 
     runners = {
         "inference": bench_mod.bench_inference,
         "failover": bench_mod.bench_failover,
         "train": bench_mod.bench_train,
+        "serve": bench_serve,
     }
     result = runners[args.bench](args)
     text = json.dumps(result, indent=None if args.json else 2)

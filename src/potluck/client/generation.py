@@ -30,7 +30,7 @@ StepFn = Callable[[torch.Tensor], torch.Tensor]
 # transformers' global defaults for parameters left unset by both the user and the model's generation config
 _HF_DEFAULT_MAX_LENGTH = 20
 # generate() kwargs that matter to HF's model call, not to token selection; accepted and ignored here
-_IGNORED_KWARGS = frozenset({"attention_mask", "use_cache", "return_dict_in_generate", "output_scores"})
+_IGNORED_KWARGS = frozenset({"use_cache", "return_dict_in_generate", "output_scores"})
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,26 @@ class GenerationParams:
             return self.max_new_tokens
         max_length = self.max_length if self.max_length is not None else _HF_DEFAULT_MAX_LENGTH
         return max(max_length - prompt_length, 0)
+
+
+def left_padding(attention_mask: torch.Tensor | None) -> list[int] | None:
+    """Per-row count of leading zeros of ``attention_mask [B, T]``; None when no row is padded.
+
+    Only left padding is supported (as transformers recommends for decoder-only generation): every row must be
+    zeros followed by ones.
+    """
+    if attention_mask is None:
+        return None
+    mask = attention_mask.to(torch.long).cpu()
+    if mask.dim() != 2:
+        raise ValueError(f"attention_mask must be [batch, seq], got {tuple(mask.shape)}")
+    pads = (mask.cumsum(dim=1) == 0).sum(dim=1)  # [B] leading zeros
+    positions = torch.arange(mask.shape[1])[None, :]  # [1, T]
+    if not torch.equal(mask, (positions >= pads[:, None]).to(torch.long)):
+        raise ValueError("attention_mask must be left padding: zeros, then ones, in every row")
+    if bool((pads == mask.shape[1]).any()):
+        raise ValueError("attention_mask has a row without any token")
+    return [int(p) for p in pads] if bool(pads.any()) else None
 
 
 def build_logits_processors(params: GenerationParams) -> LogitsProcessorList:

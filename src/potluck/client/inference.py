@@ -136,6 +136,7 @@ class RemoteInferenceSession:
         self.max_length = max_length
         self.batch_size = batch_size
         self.position = 0  # tokens processed so far
+        self.pads: list[int] | None = None  # left padding per row, sent with every step (None: no padding)
         self.hops: list[HopSession] = []
         self.failovers = 0  # servers replaced during this session, for logs and benchmarks
         self.last_failover_at: float | None = None
@@ -259,7 +260,7 @@ class RemoteInferenceSession:
             try:
                 # One deadline for the whole round trip (and no extra task per step, unlike wait_for).
                 async with asyncio.timeout(cfg.step_timeout):
-                    step = InferenceStep(step_id=hop.step_id, position=position + offset)
+                    step = InferenceStep(step_id=hop.step_id, position=position + offset, pads=self.pads)
                     await write_message(hop.writer, step, [piece], cfg.compression)
                     msg, tensors = await read_message(hop.reader)
             except TimeoutError:

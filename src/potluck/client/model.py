@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from potluck.client.config import ClientConfig
-from potluck.client.generation import GenerationParams, generate_tokens
+from potluck.client.generation import GenerationParams, generate_tokens, left_padding
 from potluck.client.inference import RemoteInferenceSession
 from potluck.client.loop import LoopThread, shared_loop
 from potluck.client.remote_blocks import RemoteBlocks, remote_blocks
@@ -244,6 +244,9 @@ class DistributedModelForCausalLM(nn.Module):
         token sequence.
         """
         session = session or self.active_session
+        pads = left_padding(kwargs.pop("attention_mask", None))  # prompts of different lengths, left-padded
+        if pads is not None and self.prompts is not None:
+            raise ValueError("left-padded batches are not supported together with soft prompts (ptune)")
         if input_ids is None:
             if session is None or session.token_ids is None:
                 raise ValueError("input_ids is required outside a session that already holds tokens")
@@ -264,9 +267,12 @@ class DistributedModelForCausalLM(nn.Module):
             with self.inference_session(
                 input_ids.shape[1] + max_new_tokens, batch_size=input_ids.shape[0]
             ) as s:
+                s.remote.pads = pads
                 return self._generate_in(s, input_ids, 0, params, streamer)
         if input_ids.shape[1] < already:
             raise RuntimeError(f"the session holds {already} tokens but only {input_ids.shape[1]} were given")
+        if pads is not None or already == 0:
+            session.remote.pads = pads  # a continued session keeps the padding of its first prompt
         return self._generate_in(session, input_ids, already, params, streamer)
 
     def _generate_in(

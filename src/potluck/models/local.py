@@ -125,11 +125,13 @@ class LocalCausalLM(nn.Module):
         **kwargs: Any,
     ) -> torch.Tensor:
         """HF-like ``generate`` over a fresh KV cache (see :mod:`potluck.client.generation`)."""
-        from potluck.client.generation import GenerationParams, generate_tokens
+        from potluck.client.generation import GenerationParams, generate_tokens, left_padding
 
+        pads = left_padding(kwargs.pop("attention_mask", None))  # prompts of different lengths, left-padded
         params = GenerationParams.from_kwargs(generation_config, **kwargs)
         max_length = input_ids.shape[1] + params.num_new_tokens(input_ids.shape[1])
         cache = self.new_cache(input_ids.shape[0], max(max_length, 1))
+        cache.set_pads(pads)
 
         def step(new_ids: torch.Tensor) -> torch.Tensor:
             return self.step(new_ids.to(self.device), cache)[:, -1]  # [B, V]
