@@ -37,7 +37,7 @@ class ServerConfig:
     balance_check_period: float = 60.0  # check for a better span about this often (randomised +-50%)
     start_delay_max: float = 5.0  # with automatic placement, wait up to this long (random) before choosing
     # KV-cache tokens that one client peer's sessions may hold together, so one client cannot take the whole
-    # budget; None: half of cache_tokens
+    # budget; None: half of cache_tokens, or one max_inference_length session if that is more
     peer_cache_tokens: int | None = None
     # rows x tokens one batched forward of inference steps may carry; longer prefills are cut into chunks of
     # this size that run between other sessions' decode steps (continuous batching, chunked prefill)

@@ -92,7 +92,9 @@ class ServerState:
 
     def __post_init__(self) -> None:
         cfg = self.config
-        peer_tokens = cfg.peer_cache_tokens if cfg.peer_cache_tokens is not None else cfg.cache_tokens // 2
+        peer_tokens = cfg.peer_cache_tokens
+        if peer_tokens is None:  # half the budget, but always room for one session of the longest length
+            peer_tokens = max(cfg.cache_tokens // 2, min(cfg.cache_tokens, cfg.max_inference_length))
         self.sessions = SessionTable(self.budget, peer_tokens)
         self.scheduler = StepScheduler(
             self.compute, token_budget=cfg.step_token_budget, device=self.device, dtype=self.dtype
