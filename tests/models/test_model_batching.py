@@ -91,3 +91,22 @@ def test_reorder_moves_padding_with_rows(local_model):
     assert cache.pads is not None and cache.pads.tolist() == [1, 1, 2]
     cache.set_pads([0, 0, 0])
     assert cache.pads is None
+
+
+@pytest.mark.parametrize("kind", ["llama-gqa-llama3rope", "bloom"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"num_beams": 3, "eos_token_id": None},
+        # an eos that random tiny models do emit, so finished hypotheses and length penalties matter
+        {"num_beams": 4, "eos_token_id": [5, 17, 99], "length_penalty": 0.5, "repetition_penalty": 1.3},
+        {"num_beams": 2, "eos_token_id": 17, "early_stopping": True},
+    ],
+)
+@torch.no_grad()
+def test_beam_search_matches_transformers(kind, kwargs, hf_model, local_model):
+    hf, model = hf_model(kind), local_model(kind)
+    ids, mask = _padded_batch([8, 5], seed=4)
+    common = {"max_new_tokens": 10, "do_sample": False, "pad_token_id": 0, **kwargs}
+    expected = hf.generate(ids, attention_mask=mask, **common)
+    assert torch.equal(model.generate(ids, attention_mask=mask, **common), expected)

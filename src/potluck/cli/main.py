@@ -67,7 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-inference-length", type=int, default=8192, help="largest max_length of one session")
     p.add_argument("--max-batch-tokens", type=int, default=16384, help="largest batch*tokens of one request")
     p.add_argument(
-        "--peer-cache-tokens", type=int, default=None, help="cache one client peer may hold (default: half the budget)"
+        "--peer-cache-tokens",
+        type=int,
+        default=None,
+        help="cache one client peer may hold (default: half the budget)",
     )
     p.add_argument(
         "--step-token-budget", type=int, default=256, help="rows*tokens of one batched step (prefill chunks)"

@@ -110,6 +110,7 @@ class HopSession:
     server_length: int = 0  # tokens the server's cache holds
     step_id: int = 0
     closed: bool = False
+    pending_hypo: list[int] | None = None  # beam search: row reorder to send with the next step
 
     @property
     def peer_id(self) -> str:
@@ -211,10 +212,17 @@ class RemoteInferenceSession:
 
     # --- steps -----------------------------------------------------------------------------------------
 
-    async def step(self, inputs: torch.Tensor, *, position: int | None = None) -> torch.Tensor:
-        """Run ``inputs`` [B, T, H] (tokens at ``position``, default: the end) through every block."""
+    async def step(
+        self, inputs: torch.Tensor, *, position: int | None = None, hypo_ids: list[int] | None = None
+    ) -> torch.Tensor:
+        """Run ``inputs`` [B, T, H] (tokens at ``position``, default: the end) through every block.
+
+        ``hypo_ids`` (beam search) reorders the rows of every server's cache (and of our histories) first.
+        """
         if self._closed:
             raise RuntimeError("this inference session is closed")
+        if hypo_ids is not None:
+            self._reorder(hypo_ids)
         position = self.position if position is None else position
         num_new = inputs.shape[1]
         if position > self.position:
@@ -246,6 +254,14 @@ class RemoteInferenceSession:
         self.position = position + num_new
         return x[:, position - x_start :]
 
+    def _reorder(self, hypo_ids: list[int]) -> None:
+        index = torch.tensor(hypo_ids, dtype=torch.long)
+        for hop in self.hops:
+            hop.history.reorder(index)
+            hop.pending_hypo = hypo_ids  # a replacement server replays the reordered history instead
+        if self.pads is not None:
+            self.pads = [self.pads[i] for i in hypo_ids]
+
     async def _send(self, hop: HopSession, x: torch.Tensor, position: int) -> torch.Tensor:
         """One or more step messages to ``hop`` (long replays are split); returns outputs for all of ``x``."""
         cfg = self.view.config
@@ -260,7 +276,12 @@ class RemoteInferenceSession:
             try:
                 # One deadline for the whole round trip (and no extra task per step, unlike wait_for).
                 async with asyncio.timeout(cfg.step_timeout):
-                    step = InferenceStep(step_id=hop.step_id, position=position + offset, pads=self.pads)
+                    step = InferenceStep(
+                        step_id=hop.step_id,
+                        position=position + offset,
+                        pads=self.pads,
+                        hypo_ids=hop.pending_hypo if offset == 0 else None,
+                    )
                     await write_message(hop.writer, step, [piece], cfg.compression)
                     msg, tensors = await read_message(hop.reader)
             except TimeoutError:
@@ -281,6 +302,7 @@ class RemoteInferenceSession:
                 raise ServerFailure(hop.peer_id, "malformed step reply")
             outs.append(tensors[0])
             self.hop_times.append((hop.peer_id, time.perf_counter() - sent_at, msg.server_ms / 1000))
+        hop.pending_hypo = None
         self.view.clear_ban(hop.peer_id)
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 

@@ -61,11 +61,19 @@ class InferenceSession:
     def max_length(self) -> int:
         return self.remote.max_length
 
-    def step(self, hidden: torch.Tensor, position: int | None = None) -> torch.Tensor:
-        """Hidden states [B, T, H] through all remote blocks, using and extending the servers' caches."""
+    def step(
+        self, hidden: torch.Tensor, position: int | None = None, hypo_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Hidden states [B, T, H] through all remote blocks, using and extending the servers' caches.
+
+        ``hypo_ids [B]`` (beam search) first replaces each cache row b by former row ``hypo_ids[b]``.
+        """
         cfg = self.model.client_config
         timeout = (cfg.step_timeout + cfg.connect_timeout) * (cfg.max_retries + 2) + cfg.wait_for_servers
-        return self.model.loop.run(self.remote.step(hidden, position=position), timeout=timeout)
+        hypo = None if hypo_ids is None else [int(i) for i in hypo_ids]
+        return self.model.loop.run(
+            self.remote.step(hidden, position=position, hypo_ids=hypo), timeout=timeout
+        )
 
     def close(self) -> None:
         self.model.loop.run(self.remote.close(), timeout=10)
@@ -263,9 +271,12 @@ class DistributedModelForCausalLM(nn.Module):
         ):  # HF default: stop at the checkpoint's eos; an explicit None never stops
             kwargs["eos_token_id"] = getattr(self.config, "eos_token_id", None)
         params = GenerationParams.from_kwargs(None, max_new_tokens=max_new_tokens, **kwargs)
+        beams = params.num_beams  # beam search keeps num_beams rows per prompt
+        if pads is not None and beams > 1:
+            pads = [p for p in pads for _ in range(beams)]
         if session is None:
             with self.inference_session(
-                input_ids.shape[1] + max_new_tokens, batch_size=input_ids.shape[0]
+                input_ids.shape[1] + max_new_tokens, batch_size=input_ids.shape[0] * beams
             ) as s:
                 s.remote.pads = pads
                 return self._generate_in(s, input_ids, 0, params, streamer)
@@ -285,7 +296,7 @@ class DistributedModelForCausalLM(nn.Module):
     ) -> torch.Tensor:
         first = True
 
-        def step(new_ids: torch.Tensor) -> torch.Tensor:
+        def step(new_ids: torch.Tensor, hypo_ids: torch.Tensor | None = None) -> torch.Tensor:
             nonlocal first
             position = None
             ids = new_ids[:, already:] if first else new_ids  # the first call repeats the known prefix
@@ -299,7 +310,7 @@ class DistributedModelForCausalLM(nn.Module):
                 position += session.prefix_length
             if session.remote.position == 0 and self.prompts is not None:  # the soft prompt opens the session
                 embeds = torch.cat([self.prompts.prefix(embeds.shape[0]).to(embeds.dtype), embeds], dim=1)
-            hidden = session.step(self.client.pre_blocks(embeds), position=position)  # [B, t, H]
+            hidden = session.step(self.client.pre_blocks(embeds), position=position, hypo_ids=hypo_ids)
             return self.client.head(hidden[:, -1:])[:, -1]  # [B, V]
 
         out = generate_tokens(step, input_ids, params, streamer=streamer, tokenizer=self.tokenizer)
