@@ -83,6 +83,11 @@ def test_left_padded_batch_matches_transformers(swarm: dict[str, Any]) -> None:
 def test_beam_search_through_the_swarm_matches_transformers(swarm: dict[str, Any]) -> None:
     model, hf = swarm["model"], swarm["hf"]
     prompt = torch.randint(3, 250, (2, 6), generator=torch.Generator().manual_seed(2))
-    kwargs: dict[str, Any] = {"max_new_tokens": 10, "num_beams": 3, "eos_token_id": [5, 17, 99], "pad_token_id": 0}
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": 10,
+        "num_beams": 3,
+        "eos_token_id": [5, 17, 99],
+        "pad_token_id": 0,
+    }
     expected = hf.generate(prompt, do_sample=False, **kwargs)
     assert torch.equal(model.generate(prompt, **kwargs), expected)

@@ -22,7 +22,10 @@ from potluck.cli.local_swarm import LocalSwarm
 
 
 def _session_run(model: Any, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float, list[float]]:
-    """One greedy session; returns (start, end, decode-step seconds)."""
+    """One greedy session; returns (start, end, decode-step seconds).
+
+    The server-reported time of each decode hop (queue + batched compute) goes to ``_SERVER_TIMES``.
+    """
     parts = model.client
     start = time.perf_counter()
     steps: list[float] = []
@@ -33,7 +36,12 @@ def _session_run(model: Any, prompt: torch.Tensor, new_tokens: int) -> tuple[flo
             next_id = logits.argmax(-1, keepdim=True)  # [1, 1]
             logits = parts.head(session.step(parts.pre_blocks(parts.embed(next_id))))[:, -1]
             steps.append(time.perf_counter() - t0)
+        hops = len(session.remote.hops)
+        _SERVER_TIMES.extend(srv for _, _, srv in list(session.remote.hop_times)[hops:])  # skip the prefill
     return start, time.perf_counter(), steps
+
+
+_SERVER_TIMES: list[float] = []  # server-side seconds per decode hop, filled by the sessions of this process
 
 
 def _prompts(vocab: int, clients: int, tokens: int) -> list[torch.Tensor]:
@@ -69,6 +77,8 @@ def _worker(
 def _summary(spans: list[tuple[float, float]], steps: list[list[float]], new_tokens: int) -> dict[str, Any]:
     wall = max(e for _, e in spans) - min(s for s, _ in spans)
     all_steps = sorted(t for per in steps for t in per)
+    server = sorted(_SERVER_TIMES)
+    _SERVER_TIMES.clear()
     p50s = [statistics.median(per) for per in steps]
     return {
         "sessions": len(steps),
@@ -77,6 +87,9 @@ def _summary(spans: list[tuple[float, float]], steps: list[list[float]], new_tok
         "step_p50_ms": _ms(statistics.median(all_steps)),
         "step_p95_ms": _ms(all_steps[min(len(all_steps) - 1, int(0.95 * len(all_steps)))]),
         "worst_session_step_p50_ms": _ms(max(p50s)),
+        # per hop, as the servers report it (queue + compute of the batch the step rode in); empty with
+        # --processes, whose sessions live in other processes
+        "server_hop_p50_ms": _ms(statistics.median(server)) if server else None,
     }
 
 
@@ -100,6 +113,7 @@ def bench_serve(args: argparse.Namespace) -> dict[str, Any]:
         )
         try:
             _session_run(model, prompts[0][:, :8], 4)  # warm-up: routes, connections
+            _SERVER_TIMES.clear()
             start, end, lone_steps = _session_run(model, prompts[0], args.new_tokens)
             single = _summary([(start, end)], [lone_steps], args.new_tokens)
             if args.processes:
