@@ -101,6 +101,9 @@ def test_reorder_moves_padding_with_rows(local_model):
         # an eos that random tiny models do emit, so finished hypotheses and length penalties matter
         {"num_beams": 4, "eos_token_id": [5, 17, 99], "length_penalty": 0.5, "repetition_penalty": 1.3},
         {"num_beams": 2, "eos_token_id": 17, "early_stopping": True},
+        # tokens the llama model emits early for these prompts: hypotheses finish at different lengths
+        {"num_beams": 3, "eos_token_id": [154, 25], "length_penalty": 1.5},
+        {"num_beams": 3, "eos_token_id": [154, 25], "early_stopping": True},
     ],
 )
 @torch.no_grad()
