@@ -104,7 +104,9 @@ class SessionTable:
             group=group_key(span.start, span.end, tuning, adapter, session_id),
         )
         held = self.tokens_of(peer)
-        if session.tokens <= self.budget.capacity and held + session.tokens > self.peer_tokens:
+        # only a bound tighter than the whole budget refuses; otherwise the budget's own wait applies
+        tighter = self.peer_tokens < self.budget.capacity
+        if tighter and session.tokens <= self.budget.capacity and held + session.tokens > self.peer_tokens:
             raise CacheFullError(
                 f"client {peer[-8:]} already holds {held} cache tokens here; {session.tokens} more would pass "
                 f"the per-client bound of {self.peer_tokens}"
