@@ -290,6 +290,7 @@ def demo(args: argparse.Namespace) -> int:
 def bench(args: argparse.Namespace) -> int:
     from potluck.cli import bench as bench_mod
     from potluck.cli.bench_channel import bench_channel
+    from potluck.cli.bench_serve import bench_serve
     from potluck.cli.bench_speculative import bench_inference_with_draft, wants_draft
 
     runners = {
@@ -297,6 +298,7 @@ def bench(args: argparse.Namespace) -> int:
         "failover": bench_mod.bench_failover,
         "train": bench_mod.bench_train,
         "channel": bench_channel,
+        "serve": bench_serve,
     }
     if args.bench == "inference" and getattr(args, "quant", "none") != "none":
         from potluck.cli.bench_quant import bench_inference_quant

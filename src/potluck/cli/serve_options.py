@@ -181,6 +181,14 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="largest batch * tokens one step or forward may carry",
     )  # fmt: skip
     limits.add_argument(
+        "--peer-cache-tokens", type=_positive_int, default=_S.peer_cache_tokens,
+        help="KV cache one client peer may hold (default: half the budget, or one longest session if more)",
+    )  # fmt: skip
+    limits.add_argument(
+        "--step-token-budget", type=_positive_int, default=_S.step_token_budget,
+        help="rows*tokens of one batched compute step; longer prefills are split into chunks of it",
+    )  # fmt: skip
+    limits.add_argument(
         "--max-alloc-timeout", type=float, default=_S.max_alloc_timeout,
         help="longest a session may wait for cache room (s)",
     )  # fmt: skip
@@ -281,7 +289,7 @@ def server_config_from_args(args: argparse.Namespace, *, model: str, device: str
             "max_inference_length", "max_batch_tokens", "max_alloc_timeout", "step_timeout", "session_timeout",
             "request_timeout", "update_period", "drain_timeout", "throughput", "compression", "bandwidth_mbps",
             "balance_quality", "balance_check_period", "start_delay_max", "inflight_frame_bytes",
-            "activation_bytes", "metrics_port",
+            "activation_bytes", "metrics_port", "peer_cache_tokens", "step_token_budget",
         )
     }  # fmt: skip
     expiration = args.expiration if args.expiration is not None else max(2 * args.update_period, 3.0)

@@ -25,12 +25,15 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-StepFn = Callable[[torch.Tensor], torch.Tensor]
+from potluck.client.beam_search import beam_search_tokens
+
+# step(new_ids) -> logits; beam search calls step(new_ids, hypo_ids) to have the cache rows reordered first
+StepFn = Callable[..., torch.Tensor]
 
 # transformers' global defaults for parameters left unset by both the user and the model's generation config
 _HF_DEFAULT_MAX_LENGTH = 20
 # generate() kwargs that matter to HF's model call, not to token selection; accepted and ignored here
-_IGNORED_KWARGS = frozenset({"attention_mask", "use_cache", "return_dict_in_generate", "output_scores"})
+_IGNORED_KWARGS = frozenset({"use_cache", "return_dict_in_generate", "output_scores"})
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,9 @@ class GenerationParams:
     pad_token_id: int | None = None
     stop_strings: str | Sequence[str] | None = None  # stored as tuple
     max_length: int | None = None
+    num_beams: int = 1  # > 1: beam search (transformers' algorithm), see potluck.client.beam_search
+    length_penalty: float = 1.0  # beam search: finished hypotheses score sum(log p) / length**length_penalty
+    early_stopping: bool | str = False  # beam search: True, False or "never", as in transformers
 
     def __post_init__(self) -> None:
         # normalise lists (as found in HF configs) to tuples so the dataclass stays hashable and immutable
@@ -62,6 +68,10 @@ class GenerationParams:
             object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
         if self.do_sample and self.temperature <= 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+        if self.num_beams > 1 and self.do_sample:
+            raise ValueError("beam sampling (num_beams > 1 with do_sample) is not supported")
         if self.max_new_tokens is not None and self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
 
@@ -82,8 +92,6 @@ class GenerationParams:
         for key, value in kwargs.items():
             if key in names:
                 values[key] = value
-            elif key == "num_beams" and value in (None, 1):
-                continue
             elif key not in _IGNORED_KWARGS:
                 raise TypeError(f"unsupported generation argument {key!r}")
         return cls(**values)
@@ -98,6 +106,26 @@ class GenerationParams:
             return self.max_new_tokens
         max_length = self.max_length if self.max_length is not None else _HF_DEFAULT_MAX_LENGTH
         return max(max_length - prompt_length, 0)
+
+
+def left_padding(attention_mask: torch.Tensor | None) -> list[int] | None:
+    """Per-row count of leading zeros of ``attention_mask [B, T]``; None when no row is padded.
+
+    Only left padding is supported (as transformers recommends for decoder-only generation): every row must be
+    zeros followed by ones.
+    """
+    if attention_mask is None:
+        return None
+    mask = attention_mask.to(torch.long).cpu()
+    if mask.dim() != 2:
+        raise ValueError(f"attention_mask must be [batch, seq], got {tuple(mask.shape)}")
+    pads = (mask.cumsum(dim=1) == 0).sum(dim=1)  # [B] leading zeros
+    positions = torch.arange(mask.shape[1])[None, :]  # [1, T]
+    if not torch.equal(mask, (positions >= pads[:, None]).to(torch.long)):
+        raise ValueError("attention_mask must be left padding: zeros, then ones, in every row")
+    if bool((pads == mask.shape[1]).any()):
+        raise ValueError("attention_mask has a row without any token")
+    return [int(p) for p in pads] if bool(pads.any()) else None
 
 
 def build_logits_processors(params: GenerationParams) -> LogitsProcessorList:
@@ -154,6 +182,21 @@ def generate_tokens(
         params.pad_token_id if params.pad_token_id is not None else (eos_ids[0] if eos_ids else None)
     )
     has_eos = eos_ids is not None
+    if params.num_beams > 1:
+        if streamer is not None:
+            raise ValueError("streamers are not supported with beam search (as in transformers)")
+        return beam_search_tokens(
+            step,
+            input_ids,
+            num_beams=params.num_beams,
+            max_new_tokens=params.num_new_tokens(input_ids.shape[1]),
+            processors=processors,
+            stopping=stopping,
+            eos_ids=eos_ids,
+            pad_token_id=params.pad_token_id,
+            length_penalty=params.length_penalty,
+            early_stopping=params.early_stopping,
+        )
 
     if streamer is not None:
         streamer.put(input_ids.cpu())

@@ -108,6 +108,7 @@ class HopSession:
     server_length: int = 0  # tokens the server's cache holds
     step_id: int = 0
     closed: bool = False
+    pending_hypo: list[int] | None = None  # beam search: row reorder to send with the next step
 
     @property
     def peer_id(self) -> str:
@@ -148,6 +149,7 @@ class RemoteInferenceSession:
             fingerprint=fingerprint,
         )
         self.position = 0  # tokens processed so far
+        self.pads: list[int] | None = None  # left padding per row, sent with every step (None: no padding)
         self.hops: list[HopSession] = []
         self.failovers = 0  # servers replaced during this session, for logs and benchmarks
         self.last_failover_at: float | None = None
@@ -225,10 +227,17 @@ class RemoteInferenceSession:
 
     # --- steps -----------------------------------------------------------------------------------------
 
-    async def step(self, inputs: torch.Tensor, *, position: int | None = None) -> torch.Tensor:
-        """Run ``inputs`` [B, T, H] (tokens at ``position``, default: the end) through every block."""
+    async def step(
+        self, inputs: torch.Tensor, *, position: int | None = None, hypo_ids: list[int] | None = None
+    ) -> torch.Tensor:
+        """Run ``inputs`` [B, T, H] (tokens at ``position``, default: the end) through every block.
+
+        ``hypo_ids`` (beam search) reorders the rows of every server's cache (and of our histories) first.
+        """
         if self._closed:
             raise RuntimeError("this inference session is closed")
+        if hypo_ids is not None:
+            self._reorder(hypo_ids)
         position = self.position if position is None else position
         num_new = inputs.shape[1]
         if position > self.position:
@@ -277,6 +286,14 @@ class RemoteInferenceSession:
             hop.history.truncate(min(position, hop.history.length))
             hop.server_length = min(hop.server_length, position)
 
+    def _reorder(self, hypo_ids: list[int]) -> None:
+        index = torch.tensor(hypo_ids, dtype=torch.long)
+        for hop in self.hops:
+            hop.history.reorder(index)
+            hop.pending_hypo = hypo_ids  # a replacement server replays the reordered history instead
+        if self.pads is not None:
+            self.pads = [self.pads[i] for i in hypo_ids]
+
     async def _send(self, hop: HopSession, x: torch.Tensor, position: int) -> torch.Tensor:
         """One or more step messages to ``hop`` (long replays are split); returns outputs for all of ``x``."""
         cfg = self.view.config
@@ -289,7 +306,12 @@ class RemoteInferenceSession:
             try:
                 # One deadline for the whole round trip (and no extra task per step, unlike wait_for).
                 async with asyncio.timeout(cfg.step_timeout):
-                    step = InferenceStep(step_id=hop.step_id, position=position + offset)
+                    step = InferenceStep(
+                        step_id=hop.step_id,
+                        position=position + offset,
+                        pads=self.pads,
+                        hypo_ids=hop.pending_hypo if offset == 0 else None,
+                    )
                     await write_message(hop.writer, step, [piece], cfg.compression)
                     msg, tensors = await read_message(hop.reader)
             except CONNECTION_ERRORS as e:
@@ -306,6 +328,7 @@ class RemoteInferenceSession:
                 raise unexpected_reply(hop.peer_id, "inference_step")
             outs.append(tensors[0])
             self.hop_times.append((hop.peer_id, time.perf_counter() - sent_at, msg.server_ms / 1000))
+        hop.pending_hypo = None
         self.view.clear_ban(hop.peer_id)
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 

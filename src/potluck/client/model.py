@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from potluck.client.config import ClientConfig
-from potluck.client.generation import GenerationParams, generate_tokens
+from potluck.client.generation import GenerationParams, generate_tokens, left_padding
 from potluck.client.inference import RemoteInferenceSession
 from potluck.client.loop import LoopThread, shared_loop
 from potluck.client.remote_blocks import LOOP_GRACE, RemoteBlocks, remote_blocks
@@ -65,11 +65,19 @@ class InferenceSession:
     def max_length(self) -> int:
         return self.remote.max_length
 
-    def step(self, hidden: torch.Tensor, position: int | None = None) -> torch.Tensor:
-        """Hidden states [B, T, H] through all remote blocks, using and extending the servers' caches."""
+    def step(
+        self, hidden: torch.Tensor, position: int | None = None, hypo_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Hidden states [B, T, H] through all remote blocks, using and extending the servers' caches.
+
+        ``hypo_ids [B]`` (beam search) first replaces each cache row b by former row ``hypo_ids[b]``.
+        """
         # The step's one deadline (request_timeout) is inside the call; the loop wait only guards a stuck loop.
         timeout = self.model.client_config.request_timeout + LOOP_GRACE
-        return self.model.loop.run(self.remote.step(hidden, position=position), timeout=timeout)
+        hypo = None if hypo_ids is None else [int(i) for i in hypo_ids]
+        return self.model.loop.run(
+            self.remote.step(hidden, position=position, hypo_ids=hypo), timeout=timeout
+        )
 
     def rollback(self, position: int) -> None:
         """Forget tokens at positions >= ``position`` (speculative decoding drops rejected draft tokens)."""
@@ -281,6 +289,9 @@ class DistributedModelForCausalLM(nn.Module):
         ``speculation_stats`` (a ``SpeculationStats``) is filled in with rounds and acceptance.
         """
         session = session or self.active_session
+        pads = left_padding(kwargs.pop("attention_mask", None))  # prompts of different lengths, left-padded
+        if pads is not None and self.prompts is not None:
+            raise ValueError("left-padded batches are not supported together with soft prompts (ptune)")
         if input_ids is None:
             if session is None or session.token_ids is None:
                 raise ValueError("input_ids is required outside a session that already holds tokens")
@@ -303,13 +314,19 @@ class DistributedModelForCausalLM(nn.Module):
                 load_draft(assistant_model), num_assistant_tokens, num_assistant_tokens_schedule,
                 speculation_stats if speculation_stats is not None else SpeculationStats(),
             )  # fmt: skip
+        beams = params.num_beams  # beam search keeps num_beams rows per prompt
+        if pads is not None and beams > 1:
+            pads = [p for p in pads for _ in range(beams)]
         if session is None:
             with self.inference_session(
-                input_ids.shape[1] + max_new_tokens, batch_size=input_ids.shape[0]
+                input_ids.shape[1] + max_new_tokens, batch_size=input_ids.shape[0] * beams
             ) as s:
+                s.remote.pads = pads
                 return self._generate_in(s, input_ids, 0, params, streamer, tokenizer, speculation)
         if input_ids.shape[1] < already:
             raise RuntimeError(f"the session holds {already} tokens but only {input_ids.shape[1]} were given")
+        if pads is not None or already == 0:
+            session.remote.pads = pads  # a continued session keeps the padding of its first prompt
         return self._generate_in(session, input_ids, already, params, streamer, tokenizer, speculation)
 
     def _generate_in(
@@ -331,10 +348,10 @@ class DistributedModelForCausalLM(nn.Module):
         first = True
         seen = input_ids  # [B, n] every token given to the loop so far (to resume after a rollback)
 
-        def step(new_ids: torch.Tensor) -> torch.Tensor:
+        def step(new_ids: torch.Tensor, hypo_ids: torch.Tensor | None = None) -> torch.Tensor:
             nonlocal first, seen
             if not first:
-                seen = torch.cat([seen, new_ids], dim=1)
+                seen = torch.cat([seen if hypo_ids is None else seen[hypo_ids], new_ids], dim=1)
             position = None
             ids = new_ids[:, already:] if first else new_ids  # the first call repeats the known prefix
             if (
@@ -347,7 +364,7 @@ class DistributedModelForCausalLM(nn.Module):
                 position += session.prefix_length
             if session.remote.position == 0 and self.prompts is not None:  # the soft prompt opens the session
                 embeds = torch.cat([self.prompts.prefix(embeds.shape[0]).to(embeds.dtype), embeds], dim=1)
-            hidden = session.step(self.client.pre_blocks(embeds), position=position)  # [B, t, H]
+            hidden = session.step(self.client.pre_blocks(embeds), position=position, hypo_ids=hypo_ids)
             return self.client.head(hidden[:, -1:])[:, -1]  # [B, V]
 
         prompt_length = input_ids.shape[1]

@@ -21,7 +21,7 @@ from torch import nn
 
 from potluck.models.family import LoraTarget, ModelFamily
 from potluck.models.kv_cache import KVCache
-from potluck.models.layers import AttnInputs, attention
+from potluck.models.layers import AttnInputs, cached_attention
 from potluck.models.lora import BlockLora, lora_linear
 from potluck.models.spec import ModelSpec
 
@@ -96,9 +96,7 @@ class BloomAttention(nn.Module):
         q = fused[..., 0, :].transpose(1, 2)  # [B, H, T, D]
         k = fused[..., 1, :].transpose(1, 2)  # [B, H, T, D]
         v = fused[..., 2, :].transpose(1, 2)  # [B, H, T, D]
-        if cache is not None:
-            k, v = cache.write(cache_index, k, v)  # [B, H, L+T, D]
-        out = attention(q, k, v, inputs.bias, is_causal=False)  # [B, H, T, D]
+        out = cached_attention(q, k, v, inputs, cache, cache_index)  # [B, H, T, D]
         out = out.transpose(1, 2).reshape(bsz, seq, self.num_heads * self.head_dim)  # [B, T, hidden]
         return lora_linear(self.dense, out, lora, "dense")  # [B, T, hidden]
 
@@ -140,15 +138,25 @@ class BloomBlock(nn.Module):
 
 
 def make_attn_inputs(
-    spec: ModelSpec, offset: int, q_len: int, device: torch.device, dtype: torch.dtype
+    spec: ModelSpec,
+    offset: int,
+    q_len: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    pads: torch.Tensor | None = None,
 ) -> AttnInputs:
     kv_len = offset + q_len
     q_pos = torch.arange(offset, kv_len, device=device)[:, None]  # [T, 1]
     k_pos = torch.arange(kv_len, device=device)[None, :]  # [1, S]
+    # relative distances need no per-row shift for left padding: (k - pad) - (q - pad) = k - q
     distance = (k_pos - q_pos).float()  # [T, S], <= 0 where visible
     bias = alibi_slopes(spec.num_heads, device)[:, None, None] * distance  # [H, T, S]
-    bias = bias.masked_fill(k_pos > q_pos, float("-inf"))  # [H, T, S]
-    return AttnInputs(offset=offset, q_len=q_len, bias=bias[None].to(dtype), device=device)  # [1, H, T, S]
+    bias = bias.masked_fill(k_pos > q_pos, float("-inf"))[None]  # [1, H, T, S]
+    if pads is not None:
+        # hide each row's padding keys (a padding query still sees itself: no empty softmax row)
+        hidden = (k_pos < pads.to(device)[:, None, None]) & (k_pos != q_pos)  # [B, T, S]
+        bias = bias.masked_fill(hidden[:, None], float("-inf"))  # [B, H, T, S]
+    return AttnInputs(offset=offset, q_len=q_len, bias=bias.to(dtype), device=device, pads=pads)
 
 
 def make_final_norm(spec: ModelSpec) -> nn.Module:

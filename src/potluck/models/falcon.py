@@ -27,7 +27,7 @@ from torch import nn
 from potluck.models import llama
 from potluck.models.family import LoraTarget, ModelFamily
 from potluck.models.kv_cache import KVCache
-from potluck.models.layers import AttnInputs, apply_rope, attention
+from potluck.models.layers import AttnInputs, apply_rope, cached_attention
 from potluck.models.lora import BlockLora, lora_linear
 from potluck.models.spec import ModelSpec, UnsupportedModelError, rope_spec_from_config
 
@@ -121,10 +121,7 @@ class FalconAttention(nn.Module):
         assert inputs.cos is not None and inputs.sin is not None
         q = apply_rope(q, inputs.cos, inputs.sin)  # [B, H, T, D]
         k = apply_rope(k, inputs.cos, inputs.sin)  # [B, KVH, T, D]
-        if cache is not None:
-            k, v = cache.write(cache_index, k, v)  # [B, KVH, L+T, D]
-        mask, is_causal = inputs.mask(None)
-        out = attention(q, k, v, mask, is_causal)  # [B, H, T, D]
+        out = cached_attention(q, k, v, inputs, cache, cache_index)  # [B, H, T, D]
         out = out.transpose(1, 2).reshape(bsz, seq, self.num_heads * self.head_dim)  # [B, T, hidden]
         return lora_linear(self.dense, out, lora, "dense")  # [B, T, hidden]
 

@@ -12,7 +12,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 
 from potluck.models.layers import AttnInputs
@@ -48,7 +47,8 @@ class ModelFamily:
     client_tensor_names: Mapping[str, str]
     spec_from_config: Callable[[Any], ModelSpec]
     make_block: Callable[[ModelSpec, int], nn.Module]  # (spec, absolute block index) -> block
-    make_attn_inputs: Callable[[ModelSpec, int, int, torch.device, torch.dtype], AttnInputs]
+    # (spec, offset, q_len, device, dtype[, pads=[B] left padding per row]) -> AttnInputs
+    make_attn_inputs: Callable[..., AttnInputs]
     make_final_norm: Callable[[ModelSpec], nn.Module]
     # LoRA target name (PEFT's target_modules / target_parameters entry) -> where it is; canonical order
     lora_targets: Mapping[str, LoraTarget]

@@ -39,6 +39,9 @@ class KVCache:
         if not 0 <= length <= self.max_length:
             raise ValueError(f"length {length} out of range [0, {self.max_length}]")
         self.length: int = length  # tokens already written (= position of the next token)
+        # [B] left padding per row (a batch of prompts of different lengths): row b's first pads[b] positions
+        # hold padding that attention masks and rotary positions skip; None: no row is padded
+        self.pads: torch.Tensor | None = None
 
     @classmethod
     def allocate(
@@ -107,6 +110,16 @@ class KVCache:
             raise ValueError(f"cannot roll back to position {position}: cache holds {self.length} tokens")
         self.length = position
 
+    def set_pads(self, pads: list[int] | torch.Tensor | None) -> None:
+        """Declare each row's left padding (None or all zeros: none); positions past ``max_length`` are refused."""
+        if pads is None:
+            self.pads = None
+            return
+        pads = torch.as_tensor(pads, dtype=torch.long).cpu()
+        if pads.shape != (self.batch_size,) or bool((pads < 0).any()) or bool((pads > self.max_length).any()):
+            raise ValueError(f"pads must be {self.batch_size} integers in 0..{self.max_length}")
+        self.pads = pads if bool(pads.any()) else None
+
     def reorder(self, batch_indices: torch.Tensor) -> None:
         """Replace row ``b`` by former row ``batch_indices[b]`` in every buffer (beam search), in place."""
         if batch_indices.dim() != 1 or batch_indices.shape[0] != self.batch_size:
@@ -117,6 +130,8 @@ class KVCache:
         for buf in (*self.keys, *self.values):
             # index_select makes a copy first, so overlapping source/destination rows are safe.
             buf[:, :, : self.length] = buf[:, :, : self.length].index_select(0, index)
+        if self.pads is not None:
+            self.pads = self.pads.index_select(0, index.cpu())
 
     def __repr__(self) -> str:
         return (

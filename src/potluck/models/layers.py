@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from potluck.models.kv_cache import KVCache
 from potluck.models.spec import RopeSpec
 
 # ``enable_gqa`` (torch >= 2.5) lets SDPA broadcast KV heads without materialising repeated keys, which matters
@@ -61,9 +62,14 @@ class AttnInputs:
     q_len: int  # number of new tokens T
     cos: torch.Tensor | None = None  # [T, D] rotary cos (RoPE models)
     sin: torch.Tensor | None = None  # [T, D]
-    bias: torch.Tensor | None = None  # [1, H, T, S] additive bias incl. -inf masking (ALiBi models)
+    bias: torch.Tensor | None = None  # [1 or B, H, T, S] additive bias incl. -inf masking (ALiBi models)
     _masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict)
     device: torch.device | None = None
+    # [B] left padding per row: row b's keys at positions < pads[b] are padding and masked (None: no padding)
+    pads: torch.Tensor | None = None
+    # a packed batch of sessions (see BlockSpan.forward_packed): hidden states are [1, N, hidden] with each
+    # member's rows laid out token-major in its own range; attention runs per member on its own cache
+    members: list[PackedMember] | None = None
 
     @property
     def kv_len(self) -> int:
@@ -77,6 +83,10 @@ class AttnInputs:
         """
         o, t, s = self.offset, self.q_len, self.kv_len
         window_active = window is not None and window < s
+        if self.pads is not None:
+            if window not in self._masks:
+                self._masks[window] = self._padded_mask(window)
+            return self._masks[window], False
         if not window_active:
             if t == 1:
                 return None, False
@@ -91,6 +101,90 @@ class AttnInputs:
                 allowed = allowed & (k_pos > q_pos - window)
             self._masks[window] = allowed
         return self._masks[window], False
+
+    def _padded_mask(self, window: int | None) -> torch.Tensor:
+        """``[B, 1, T, S]`` causal mask that also hides each row's left padding.
+
+        A padding query keeps its own position visible, so no row of the mask is empty (SDPA would return NaN,
+        which the next block would then read as a key); padding outputs never reach real tokens.
+        """
+        assert self.pads is not None
+        o, s = self.offset, self.kv_len
+        q_pos = torch.arange(o, s, device=self.device)[:, None]  # [T, 1]
+        k_pos = torch.arange(s, device=self.device)[None, :]  # [1, S]
+        allowed = k_pos <= q_pos  # [T, S]
+        if window is not None:
+            # positions count real tokens only, but the window is a difference of positions, so it is the same
+            allowed = allowed & (k_pos > q_pos - window)
+        pads = self.pads.to(self.device)[:, None, None]  # [B, 1, 1]
+        allowed = allowed[None] & ((k_pos[None] >= pads) | (k_pos == q_pos)[None])  # [B, T, S]
+        return allowed[:, None]  # [B, 1, T, S]
+
+
+@dataclass
+class PackedMember:
+    """One session inside a packed forward: tokens ``lo..hi-1`` of the packed sequence are its ``[B, T]`` rows."""
+
+    cache: KVCache
+    lo: int
+    hi: int
+    batch: int
+    q_len: int
+    inputs: AttnInputs  # this member's own positions, masks / ALiBi bias
+
+
+def cached_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    inputs: AttnInputs,
+    cache: KVCache | None,
+    cache_index: int,
+    window: int | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Write ``k, v [B, KVH, T, D]`` to the cache (if any) and attend with ``q [B, H, T, D]``; returns ``[B, H, T, D]``.
+
+    Every model family calls this, so per-row padding and packed batches of sessions work for all of them.
+    ``q`` and ``k`` carry their rotary embedding already (RoPE models).
+    """
+    if inputs.members is not None:
+        return _packed_attention(q, k, v, inputs.members, cache_index, window, scale, softcap)
+    if cache is not None:
+        k, v = cache.write(cache_index, k, v)  # [B, KVH, L+T, D]
+    if inputs.bias is not None:
+        return attention(q, k, v, inputs.bias, False, scale, softcap)
+    mask, is_causal = inputs.mask(window)
+    return attention(q, k, v, mask, is_causal, scale, softcap)
+
+
+def _packed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    members: list[PackedMember],
+    cache_index: int,
+    window: int | None,
+    scale: float | None,
+    softcap: float | None,
+) -> torch.Tensor:
+    """Attention of a packed batch ``[1, H, N, D]``: each member attends over its own cache."""
+    outs = []
+    for m in members:
+
+        def rows(x: torch.Tensor, m: PackedMember = m) -> torch.Tensor:
+            # [1, h, n, D] token range -> [B, h, T, D] rows (tokens are laid out row-major per member)
+            part = x[0, :, m.lo : m.hi]  # [h, B*T, D]
+            return part.reshape(part.shape[0], m.batch, m.q_len, part.shape[-1]).transpose(0, 1)
+
+        out = cached_attention(
+            rows(q), rows(k), rows(v), m.inputs, m.cache, cache_index, window, scale, softcap
+        )
+        outs.append(
+            out.transpose(0, 1).reshape(out.shape[1], m.batch * m.q_len, out.shape[-1])
+        )  # [H, B*T, D]
+    return torch.cat(outs, dim=1)[None]  # [1, H, N, D]
 
 
 def attention(
@@ -179,13 +273,29 @@ def rope_inv_freq(rope: RopeSpec, head_dim: int, seq_len: int, device: torch.dev
 
 
 def rope_cos_sin(
-    rope: RopeSpec, head_dim: int, offset: int, q_len: int, device: torch.device, dtype: torch.dtype
+    rope: RopeSpec,
+    head_dim: int,
+    offset: int,
+    q_len: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    pads: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables ``[T, D]`` for positions ``offset..offset+T-1`` (fp32 math, cast like transformers)."""
-    inv_freq = rope_inv_freq(rope, head_dim, offset + q_len, device)  # [D/2]
+    """cos/sin tables ``[T, D]`` for positions ``offset..offset+T-1`` (fp32 math, cast like transformers).
+
+    With left padding ``pads [B]`` row b's tokens sit at positions ``offset - pads[b] ...`` (transformers'
+    ``cumsum(attention_mask) - 1``; padding itself at 0) and the tables are per row, ``[B, 1, T, D]``.
+    """
     positions = torch.arange(offset, offset + q_len, device=device).float()  # [T]
-    freqs = positions[:, None] * inv_freq[None, :]  # [T, D/2]
-    emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
+    seq_len = offset + q_len
+    if pads is not None:
+        positions = (positions[None, :] - pads.to(device)[:, None].float()).clamp_min(0)  # [B, T]
+        seq_len = int(positions.max().item()) + 1
+    inv_freq = rope_inv_freq(rope, head_dim, seq_len, device)  # [D/2]
+    freqs = positions[..., None] * inv_freq  # [(B,) T, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [(B,) T, D]
+    if pads is not None:
+        emb = emb[:, None]  # [B, 1, T, D]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -195,5 +305,5 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [B, H, T, D]`` by tables ``[T, D]`` (HF's half-split layout, not interleaved pairs)."""
+    """Rotate ``x [B, H, T, D]`` by tables ``[T, D]`` or per-row ``[B, 1, T, D]`` (HF's half-split layout)."""
     return x * cos + rotate_half(x) * sin  # [B, H, T, D]

@@ -26,7 +26,7 @@ from torch import nn
 
 from potluck.models.family import LoraTarget, ModelFamily
 from potluck.models.kv_cache import KVCache
-from potluck.models.layers import AttnInputs, RMSNorm, apply_rope, attention, rope_cos_sin
+from potluck.models.layers import AttnInputs, RMSNorm, apply_rope, cached_attention, rope_cos_sin
 from potluck.models.lora import BlockLora, lora_linear
 from potluck.models.spec import ModelSpec, UnsupportedModelError, rope_spec_from_config
 
@@ -126,10 +126,9 @@ class LlamaAttention(nn.Module):
         assert inputs.cos is not None and inputs.sin is not None
         q = apply_rope(q, inputs.cos, inputs.sin)  # [B, H, T, D]
         k = apply_rope(k, inputs.cos, inputs.sin)  # [B, KVH, T, D]
-        if cache is not None:
-            k, v = cache.write(cache_index, k, v)  # [B, KVH, L+T, D]
-        mask, is_causal = inputs.mask(self.window)
-        out = attention(q, k, v, mask, is_causal, self.scale, self.softcap)  # [B, H, T, D]
+        out = cached_attention(
+            q, k, v, inputs, cache, cache_index, self.window, self.scale, self.softcap
+        )  # [B, H, T, D]
         out = out.transpose(1, 2).reshape(bsz, seq, self.num_heads * self.head_dim)  # [B, T, H*D]
         return lora_linear(self.o_proj, out, lora, "o_proj")  # [B, T, hidden]
 
@@ -169,11 +168,17 @@ class LlamaBlock(nn.Module):
 
 
 def make_attn_inputs(
-    spec: ModelSpec, offset: int, q_len: int, device: torch.device, dtype: torch.dtype
+    spec: ModelSpec,
+    offset: int,
+    q_len: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    pads: torch.Tensor | None = None,
 ) -> AttnInputs:
     assert spec.rope is not None
-    cos, sin = rope_cos_sin(spec.rope, spec.head_dim, offset, q_len, device, dtype)  # [T, D] each
-    return AttnInputs(offset=offset, q_len=q_len, cos=cos, sin=sin, device=device)
+    # [T, D] each, or [B, 1, T, D] with per-row positions when rows are left-padded
+    cos, sin = rope_cos_sin(spec.rope, spec.head_dim, offset, q_len, device, dtype, pads)
+    return AttnInputs(offset=offset, q_len=q_len, cos=cos, sin=sin, device=device, pads=pads)
 
 
 def make_final_norm(spec: ModelSpec) -> nn.Module:

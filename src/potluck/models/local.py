@@ -126,13 +126,18 @@ class LocalCausalLM(nn.Module):
         **kwargs: Any,
     ) -> torch.Tensor:
         """HF-like ``generate`` over a fresh KV cache (see :mod:`potluck.client.generation`)."""
-        from potluck.client.generation import GenerationParams, generate_tokens
+        from potluck.client.generation import GenerationParams, generate_tokens, left_padding
 
+        pads = left_padding(kwargs.pop("attention_mask", None))  # prompts of different lengths, left-padded
         params = GenerationParams.from_kwargs(generation_config, **kwargs)
         max_length = input_ids.shape[1] + params.num_new_tokens(input_ids.shape[1])
-        cache = self.new_cache(input_ids.shape[0], max(max_length, 1))
+        rows = input_ids.shape[0] * params.num_beams  # beam search keeps num_beams rows per prompt
+        cache = self.new_cache(rows, max(max_length, 1))
+        cache.set_pads(None if pads is None else [p for p in pads for _ in range(params.num_beams)])
 
-        def step(new_ids: torch.Tensor) -> torch.Tensor:
+        def step(new_ids: torch.Tensor, hypo_ids: torch.Tensor | None = None) -> torch.Tensor:
+            if hypo_ids is not None:
+                cache.reorder(hypo_ids)
             return self.step(new_ids.to(self.device), cache)[:, -1]  # [B, V]
 
         with torch.inference_mode():

@@ -7,6 +7,7 @@ from torch import nn
 
 from potluck.models.family import ModelFamily
 from potluck.models.kv_cache import KVCache
+from potluck.models.layers import AttnInputs, PackedMember
 from potluck.models.lora import LoraWeights
 from potluck.models.spec import ModelSpec
 
@@ -101,7 +102,7 @@ class BlockSpan(nn.Module):
                 f"prompts must be [{self.num_blocks}, batch, prefix_len, hidden], got {tuple(prompts.shape)}"
             )
 
-        inputs = self.family.make_attn_inputs(self.spec, offset, seq, hidden.device, hidden.dtype)
+        inputs = self._attn_inputs(offset, seq, hidden, cache)
         for i, block in enumerate(self.blocks):
             if prompts is not None:
                 hidden = _add_prompt(hidden, prompts[i], offset)  # [B, T, hidden]
@@ -110,6 +111,68 @@ class BlockSpan(nn.Module):
         if cache is not None:
             cache.advance(seq)
         return hidden
+
+    def _attn_inputs(self, offset: int, seq: int, hidden: torch.Tensor, cache: KVCache | None) -> AttnInputs:
+        if cache is not None and cache.pads is not None:
+            return self.family.make_attn_inputs(
+                self.spec, offset, seq, hidden.device, hidden.dtype, pads=cache.pads
+            )
+        return self.family.make_attn_inputs(self.spec, offset, seq, hidden.device, hidden.dtype)
+
+    def forward_packed(
+        self, items: list[tuple[torch.Tensor, KVCache]], lora: LoraWeights | None = None
+    ) -> list[torch.Tensor]:
+        """Run several sessions' new tokens ``[B_i, T_i, hidden]``, each on its own cache, as ONE forward.
+
+        The rows are packed into one sequence ``[1, sum B_i*T_i, hidden]``: norms, projections and MLPs (the
+        weight-streaming, memory-bound part of a decode step) run once for everyone, while each session's
+        attention covers only its own cache with its own positions and padding. Sessions may hold different
+        lengths and feed different numbers of tokens (decode steps beside a prefill chunk). ``lora`` is shared
+        by all (the server groups sessions by adapter); deep prompts are not supported here.
+        """
+        if not items:
+            return []
+        if lora is not None:
+            lora = self._lora_for_span(lora)
+        members: list[PackedMember] = []
+        packed: list[torch.Tensor] = []
+        cos: list[torch.Tensor] = []
+        sin: list[torch.Tensor] = []
+        lo = 0
+        for hidden, cache in items:
+            if hidden.dim() != 3 or hidden.shape[-1] != self.spec.hidden_size or hidden.shape[1] == 0:
+                raise ValueError(
+                    f"packed hidden states must be [batch, seq>0, hidden], got {tuple(hidden.shape)}"
+                )
+            if cache.num_blocks != self.num_blocks or cache.batch_size != hidden.shape[0]:
+                raise ValueError(
+                    "each packed session needs its own cache of this span with the same batch size"
+                )
+            bsz, seq, _ = hidden.shape
+            cache.check_room(seq)
+            inputs = self._attn_inputs(cache.length, seq, hidden, cache)
+            members.append(PackedMember(cache, lo, lo + bsz * seq, bsz, seq, inputs))
+            packed.append(hidden.reshape(bsz * seq, -1))  # [B*T, hidden], row-major
+            if inputs.cos is not None and inputs.sin is not None:
+                cos.append(inputs.cos.expand(bsz, 1, seq, -1).reshape(bsz * seq, -1))  # [B*T, D]
+                sin.append(inputs.sin.expand(bsz, 1, seq, -1).reshape(bsz * seq, -1))  # [B*T, D]
+            lo += bsz * seq
+        x = torch.cat(packed)[None]  # [1, N, hidden]
+        first = members[0].inputs
+        shared = AttnInputs(
+            offset=first.offset,
+            q_len=lo,
+            cos=torch.cat(cos) if cos else None,  # [N, D]: every packed token's own rotary position
+            sin=torch.cat(sin) if sin else None,
+            device=first.device,
+            members=members,
+        )
+        for i, block in enumerate(self.blocks):
+            block_lora = lora.block(i) if lora is not None else None
+            x = block(x, shared, None, i, block_lora)  # [1, N, hidden]
+        for m in members:
+            m.cache.advance(m.q_len)
+        return [x[0, m.lo : m.hi].reshape(m.batch, m.q_len, -1) for m in members]  # each [B_i, T_i, hidden]
 
     def _lora_for_span(self, lora: LoraWeights) -> LoraWeights:
         """``lora`` restricted to this span's blocks, checked against the model's shapes."""

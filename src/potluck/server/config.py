@@ -39,6 +39,12 @@ class ServerConfig:
     balance_quality: float = 0.75  # move only if the swarm's throughput would grow past 1/this; 0: never move
     balance_check_period: float = 60.0  # check for a better span about this often (randomised +-50%)
     start_delay_max: float = 5.0  # with automatic placement, wait up to this long (random) before choosing
+    # KV-cache tokens that one client peer's sessions may hold together, so one client cannot take the whole
+    # budget; None: half of cache_tokens, or one max_inference_length session if that is more
+    peer_cache_tokens: int | None = None
+    # rows x tokens one batched forward of inference steps may carry; longer prefills are cut into chunks of
+    # this size that run between other sessions' decode steps (continuous batching, chunked prefill)
+    step_token_budget: int = 256
     adapters: tuple[str, ...] = ()  # PEFT LoRA adapter dirs to preload; clients pick one by its dir name
     # payload bytes of incoming frames buffered at once over all streams; past it, frames are refused at the header
     inflight_frame_bytes: int = 2 << 30

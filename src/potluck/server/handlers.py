@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +28,8 @@ from potluck.server.runtime import (
     Runtime,
     threads_for,
 )
+from potluck.server.scheduler import StepScheduler
+from potluck.server.sessions import Session, SessionClosedError, SessionTable
 from potluck.server.tuning import TuningError, TuningInputs, unpack_tuning
 from potluck.wire import (
     BackwardRequest,
@@ -77,13 +77,32 @@ class ServerState:
     limits: WireLimits
     state: str = "joining"  # joining | online | offline (draining)
     in_flight: int = 0  # steps and forward/backward calls being computed now
-    generation: int = 0  # bumped when the server moves to other blocks: older sessions are refused
-    sessions: dict[str, float] = field(default_factory=dict)  # session id -> open time
+    generation: int = 0  # bumped when the server moves to other blocks
     adapters: dict[str, LoraWeights] = field(default_factory=dict)  # preloaded PEFT adapters by name
     activations: ActivationCache = field(
         default_factory=ActivationCache
     )  # training forwards awaiting backward
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    sessions: SessionTable = field(init=False)  # open inference sessions, their caches and budget shares
+    scheduler: StepScheduler = field(init=False)  # batches ready steps of different sessions
+
+    def __post_init__(self) -> None:
+        cfg = self.config
+        peer_tokens = cfg.peer_cache_tokens
+        if peer_tokens is None:  # half the budget, but always room for one session of the longest length
+            peer_tokens = max(cfg.cache_tokens // 2, min(cfg.cache_tokens, cfg.max_inference_length))
+        self.sessions = SessionTable(self.budget, peer_tokens)
+        self.scheduler = StepScheduler(
+            self.compute, token_budget=cfg.step_token_budget, device=self.device, dtype=self.dtype
+        )
+
+    def close_sessions(self, code: str, message: str) -> int:
+        """Close every open session now (a move or a drain): caches and budget are freed at once."""
+        closed = self.sessions.close_all(code, message)
+        if closed:
+            logger.info("closed %d sessions (%s); cache budget now %d/%d used", closed, code, self.budget.used,
+                        self.budget.capacity)  # fmt: skip
+        return closed
 
     @property
     def hidden_size(self) -> int:
@@ -240,44 +259,50 @@ class Handlers:
                 f"{cfg.max_inference_length}",
                 "limit_exceeded",
             )
-        tokens = msg.batch_size * msg.max_length
         alloc_timeout = min(msg.alloc_timeout, cfg.max_alloc_timeout)
-        async with self.s.budget.reserve(tokens, alloc_timeout):
+
+        async def make_cache() -> KVCache:
             cache: KVCache = await self.s.compute(
                 PRIORITY_INFERENCE, lambda: span.new_cache(msg.batch_size, msg.max_length)
             )
-            session_id = uuid.uuid4().hex
-            metrics.count_request("inference")
-            self.s.sessions[session_id] = time.monotonic()
-            logger.info(
-                "session %s from %s: blocks %d:%d, batch %d, max_length %d",
-                session_id[:8], peer[-8:], msg.start, msg.end, msg.batch_size, msg.max_length,
-            )  # fmt: skip
-            try:
-                await _send(
-                    writer,
-                    InferenceOpened(
-                        session_id=session_id, start=msg.start, end=msg.end, max_length=msg.max_length
-                    ),
-                )
-                await self._steps(span, cache, msg, tuning, reader, writer)
-            finally:
-                self.s.sessions.pop(session_id, None)
-                del cache  # free the KV cache now, not when the handler's frame is collected
-                logger.info("session %s closed", session_id[:8])
+            return cache
+
+        session = await self.s.sessions.open(
+            peer=peer,
+            span=span,
+            batch_size=msg.batch_size,
+            max_length=msg.max_length,
+            tuning=tuning,
+            adapter=msg.tuning.active_adapter,
+            alloc_timeout=alloc_timeout,
+            make_cache=make_cache,
+        )
+        metrics.count_request("inference")
+        logger.info(
+            "session %s from %s: blocks %d:%d, batch %d, max_length %d",
+            session.id[:8], peer[-8:], msg.start, msg.end, msg.batch_size, msg.max_length,
+        )  # fmt: skip
+        try:
+            await _send(
+                writer,
+                InferenceOpened(
+                    session_id=session.id, start=msg.start, end=msg.end, max_length=msg.max_length
+                ),
+            )
+            await self._steps(session, msg, reader, writer)
+        finally:
+            self.s.sessions.close(session)  # frees the KV cache and its budget now
+            logger.info("session %s closed", session.id[:8])
 
     async def _steps(
         self,
-        span: BlockSpan,
-        cache: KVCache,
+        session: Session,
         opened: OpenInference,
-        tuning: TuningInputs,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
     ) -> None:
         cfg = self.s.config
         deadline = time.monotonic() + cfg.session_timeout
-        generation = self.s.generation
         while True:
             timeout = min(cfg.step_timeout, deadline - time.monotonic())
             if timeout <= 0:
@@ -290,10 +315,10 @@ class Handlers:
                 return
             if not isinstance(msg, InferenceStep):
                 raise BadRequest(f"expected inference_step, got {_kind(msg)}")
-            if self.s.generation != generation:
-                raise BadRequest(
-                    "this server moved to other blocks: continue elsewhere", "wrong_span", retryable=True
-                )
+            cache = session.cache
+            if cache is None:  # a move or a drain closed the session meanwhile
+                code = session.closed.code if session.closed else "closed"
+                raise BadRequest(str(session.closed), code, retryable=True)
             if self.s.state == "offline":
                 raise BadRequest("server is draining: continue on another server", "draining", retryable=True)
             if len(tensors) != 1:
@@ -319,42 +344,28 @@ class Handlers:
                         f"hypo_ids must be {opened.batch_size} row indices in 0..{opened.batch_size - 1}"
                     )
                 hypo_ids = torch.tensor(msg.hypo_ids, dtype=torch.long)
+            if msg.pads is not None and (
+                len(msg.pads) != opened.batch_size or not all(0 <= p <= cache.max_length for p in msg.pads)
+            ):
+                raise BadRequest(f"pads must be {opened.batch_size} integers in 0..{cache.max_length}")
+            del cache  # the session owns it: a move may drop it while this step waits
             received = time.perf_counter()
-            out = await self.s.compute(
-                PRIORITY_INFERENCE,
-                functools.partial(self._run_step, span, cache, tuning, hidden, msg.position, hypo_ids),
-            )
+            try:
+                out = await self.s.scheduler.step(session, hidden, msg.position, hypo_ids, msg.pads)
+            except SessionClosedError as e:
+                raise BadRequest(str(e), e.code, retryable=True) from None
+            session.steps += 1
             metrics.count_step(hidden.shape[0], num_new)
             await _send(
                 writer,
                 InferenceStepResult(
                     step_id=msg.step_id,
-                    position=cache.length,
+                    position=session.length,
                     server_ms=(time.perf_counter() - received) * 1000,
                 ),
                 [out],
                 opened.output_compression,
             )
-
-    def _run_step(
-        self,
-        span: BlockSpan,
-        cache: KVCache,
-        tuning: TuningInputs,
-        hidden: torch.Tensor,
-        position: int,
-        hypo_ids: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """On the compute thread: roll back / reorder the cache if asked, then run the new tokens."""
-        torch.set_num_threads(threads_for(hidden.shape[0] * hidden.shape[1]))
-        with torch.inference_mode():
-            if position < cache.length:
-                cache.rollback(position)
-            if hypo_ids is not None:
-                cache.reorder(hypo_ids.to(cache.keys[0].device))
-            x = hidden.to(device=self.s.device, dtype=self.s.dtype)  # [B, T, H]
-            out = span(x, cache=cache, prompts=tuning.prompts, lora=tuning.lora)  # [B, T, H]
-            return out.to(device="cpu", dtype=hidden.dtype)
 
     # --- forward / backward ------------------------------------------------------------------------------
 

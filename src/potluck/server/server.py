@@ -354,6 +354,8 @@ class Server:
         length = old[1] - old[0]
         logger.info("rebalancing: moving from blocks %d:%d to %d:%d", *old, new_start, new_start + length)
         s.state = "offline"
+        # the old span's sessions end now: their caches and budget are freed before the new span loads
+        s.close_sessions("wrong_span", "this server moved to other blocks: continue elsewhere")
         await self._announce_current()
         if s.in_flight:
             with contextlib.suppress(TimeoutError):
@@ -362,7 +364,7 @@ class Server:
         await s.runtime.run(0, s.activations.clear)
         span = await self._load(new_start, new_start + length)
         await s.runtime.run(0, lambda: _warm_up(span))
-        s.span, s.adapters, s.budget = span, self._adapters(span), CacheBudget(self.config.cache_tokens)
+        s.span, s.adapters = span, self._adapters(span)
         s.state = "online"
         self.moves += 1
         await self._announce_current()
@@ -378,6 +380,7 @@ class Server:
         if self.state.in_flight:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.state.idle.wait(), timeout=self.config.drain_timeout)
+        self.state.close_sessions("draining", "server is draining: continue on another server")
 
     async def _expire_loop(self) -> None:
         """Free expired training activations eagerly, so an idle server does not sit on them until the next put."""

@@ -101,6 +101,9 @@ class InferenceStep(Message):
     step_id: _SMALL
     position: _SMALL
     hypo_ids: list[int] | None = None  # beam search: reorder the cache's batch rows before this step
+    # left padding per row (prompts of different lengths): row b's first pads[b] positions are masked and
+    # do not count for its rotary positions; None: no padding
+    pads: list[int] | None = None
 
 
 class InferenceStepResult(Message):

@@ -1,0 +1,186 @@
+"""``potluck bench serve``: many concurrent sessions through one loopback swarm (server-side batching).
+
+One swarm, two phases on the same servers: a lone session, then ``--clients`` sessions started together (each
+with its own random prompt), either as threads of this process or as ``--processes`` (one client process per
+session). Each session generates greedily; we time every decode step (embeddings + swarm + LM head).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import statistics
+import tempfile
+import threading
+import time
+from typing import Any
+
+import torch
+
+from potluck.cli.bench import _even_spans, _ms
+from potluck.cli.local_swarm import LocalSwarm
+
+
+def _session_run(model: Any, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float, list[float]]:
+    """One greedy session; returns (start, end, decode-step seconds).
+
+    The server-reported time of each decode hop (queue + batched compute) goes to ``_SERVER_TIMES``.
+    """
+    parts = model.client
+    start = time.perf_counter()
+    steps: list[float] = []
+    with torch.inference_mode(), model.inference_session(max_length=prompt.shape[1] + new_tokens) as session:
+        logits = parts.head(session.step(parts.pre_blocks(parts.embed(prompt))))[:, -1]  # [1, V]
+        for _ in range(new_tokens - 1):
+            t0 = time.perf_counter()
+            next_id = logits.argmax(-1, keepdim=True)  # [1, 1]
+            logits = parts.head(session.step(parts.pre_blocks(parts.embed(next_id))))[:, -1]
+            steps.append(time.perf_counter() - t0)
+        hops = len(session.remote.hops)
+        _SERVER_TIMES.extend(srv for _, _, srv in list(session.remote.hop_times)[hops:])  # skip the prefill
+    return start, time.perf_counter(), steps
+
+
+_SERVER_TIMES: list[float] = []  # server-side seconds per decode hop, filled by the sessions of this process
+
+
+def _prompts(vocab: int, clients: int, tokens: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randint(0, vocab, (1, tokens), generator=gen) for _ in range(clients + 1)]
+
+
+def _worker(
+    model_path: str,
+    peers: list[str],
+    prompt: list[int],
+    new_tokens: int,
+    barrier: Any,
+    results: Any,
+    index: int,
+) -> None:
+    """A client process with one session (``--processes``)."""
+    from potluck import AutoDistributedModelForCausalLM
+
+    torch.set_num_threads(1)
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        model_path, initial_peers=peers, load_tokenizer=False
+    )
+    try:
+        barrier.wait()
+        start_wall = time.time()
+        start, end, steps = _session_run(model, torch.tensor([prompt]), new_tokens)
+        results.put((index, start_wall, start_wall + (end - start), steps))
+    finally:
+        model.shutdown()
+
+
+def _summary(spans: list[tuple[float, float]], steps: list[list[float]], new_tokens: int) -> dict[str, Any]:
+    wall = max(e for _, e in spans) - min(s for s, _ in spans)
+    all_steps = sorted(t for per in steps for t in per)
+    server = sorted(_SERVER_TIMES)
+    _SERVER_TIMES.clear()
+    p50s = [statistics.median(per) for per in steps]
+    return {
+        "sessions": len(steps),
+        "wall_s": round(wall, 3),
+        "tokens_per_s": round(len(steps) * new_tokens / wall, 2),
+        "step_p50_ms": _ms(statistics.median(all_steps)),
+        "step_p95_ms": _ms(all_steps[min(len(all_steps) - 1, int(0.95 * len(all_steps)))]),
+        "worst_session_step_p50_ms": _ms(max(p50s)),
+        # per hop, as the servers report it (queue + compute of the batch the step rode in); empty with
+        # --processes, whose sessions live in other processes
+        "server_hop_p50_ms": _ms(statistics.median(server)) if server else None,
+    }
+
+
+def bench_serve(args: argparse.Namespace) -> dict[str, Any]:
+    from potluck import AutoDistributedModelForCausalLM
+    from potluck.cli.sample_models import bench_model_path
+    from potluck.models import load_config
+
+    model_path = args.model or bench_model_path()
+    config = load_config(model_path)
+    spans = _even_spans(int(config.num_hidden_layers), args.servers)
+    prompts = _prompts(int(config.vocab_size), args.clients, args.prompt_tokens)
+    with tempfile.TemporaryDirectory(prefix="potluck-bench-") as logs, LocalSwarm(logs) as swarm:
+        swarm.start_bootstrap()
+        procs = [
+            swarm.start_server(model_path, s, wait=False, extra_args=["--throughput", "100"]) for s in spans
+        ]
+        swarm.wait_ready(procs)
+        model = AutoDistributedModelForCausalLM.from_pretrained(
+            model_path, initial_peers=swarm.initial_peers, load_tokenizer=False
+        )
+        try:
+            _session_run(model, prompts[0][:, :8], 4)  # warm-up: routes, connections
+            _SERVER_TIMES.clear()
+            start, end, lone_steps = _session_run(model, prompts[0], args.new_tokens)
+            single = _summary([(start, end)], [lone_steps], args.new_tokens)
+            if args.processes:
+                many = _many_processes(model_path, swarm.initial_peers, prompts[1:], args.new_tokens)
+            else:
+                many = _many_threads(model, prompts[1:], args.new_tokens)
+        finally:
+            model.shutdown()
+    return {
+        "bench": "serve",
+        "model": model_path,
+        "servers": len(spans),
+        "clients": args.clients,
+        "client_processes": args.clients if args.processes else 1,
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "single": single,
+        "concurrent": many,
+        "tokens_per_s_ratio": round(many["tokens_per_s"] / single["tokens_per_s"], 2),
+        "step_p50_ratio": round(many["step_p50_ms"] / single["step_p50_ms"], 2),
+        "worst_session_p50_ratio": round(many["worst_session_step_p50_ms"] / single["step_p50_ms"], 2),
+    }
+
+
+def _many_threads(model: Any, prompts: list[torch.Tensor], new_tokens: int) -> dict[str, Any]:
+    barrier = threading.Barrier(len(prompts))
+    results: list[tuple[float, float, list[float]] | None] = [None] * len(prompts)
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            barrier.wait()
+            results[i] = _session_run(model, prompts[i], new_tokens)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    done = [r for r in results if r is not None]
+    return _summary([(s, e) for s, e, _ in done], [steps for _, _, steps in done], new_tokens)
+
+
+def _many_processes(
+    model_path: str, peers: list[str], prompts: list[torch.Tensor], new_tokens: int
+) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(len(prompts))
+    results = ctx.Queue()
+    workers = [
+        ctx.Process(
+            target=_worker,
+            args=(model_path, peers, prompts[i][0].tolist(), new_tokens, barrier, results, i),
+        )
+        for i in range(len(prompts))
+    ]
+    for w in workers:
+        w.start()
+    try:
+        got = [results.get(timeout=600) for _ in workers]
+    finally:
+        for w in workers:
+            w.join(timeout=30)
+            if w.is_alive():
+                w.kill()
+    return _summary([(s, e) for _, s, e, _ in got], [steps for *_, steps in got], new_tokens)

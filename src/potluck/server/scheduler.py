@@ -1,0 +1,232 @@
+"""Continuous batching on the compute thread: ready steps of different sessions run as one forward.
+
+Handlers submit a session's step and await its output. Whenever the compute thread is free, the scheduler
+forms the next batch from everything pending at that moment (sessions join and leave at any step):
+
+* one *group* per batch (same blocks, same preloaded adapter; sessions with their own prompts or LoRA tensors
+  run alone), chosen by the client peer whose turn it is;
+* decode steps first, then prefill work, each pass taking one request per client peer in round-robin order,
+  so a client with many sessions cannot starve the others;
+* at most ``token_budget`` rows x tokens per batch: a long prefill is cut into chunks that ride along with other
+  sessions' decode steps (vLLM's chunked prefill), so it never stalls them for long.
+
+:func:`plan_batch` is the pure part (tested alone); :class:`StepScheduler` runs the batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import logging
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from potluck.server.runtime import PRIORITY_INFERENCE, threads_for
+from potluck.server.sessions import Session, SessionClosedError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class StepRequest:
+    """One inference step of one session, possibly served over several batches (chunked prefill)."""
+
+    session: Session
+    hidden: torch.Tensor  # [B, T, H] all new tokens of the step
+    position: int  # where the step starts (below the cache length: roll back first)
+    hypo_ids: torch.Tensor | None  # beam search: reorder the cache rows first
+    pads: list[int] | None  # left padding per row, declared with the step
+    future: asyncio.Future[torch.Tensor]
+    done: int = 0  # tokens already computed
+    outputs: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return int(self.hidden.shape[0])
+
+    @property
+    def remaining(self) -> int:
+        return int(self.hidden.shape[1]) - self.done
+
+    @property
+    def group(self) -> Hashable:
+        return self.session.group
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A request's part in a batch: tokens ``done..done+tokens-1`` of its step."""
+
+    request: StepRequest
+    tokens: int
+
+
+def plan_batch(
+    pending: dict[str, collections.deque[StepRequest]], peers: list[str], budget: int
+) -> list[Slot]:
+    """Choose the next batch. ``peers`` is the round-robin order (whose turn first); pure, for tests.
+
+    Decode-sized requests (one token per row) go first, then prefills take what is left of ``budget``, cut
+    into chunks; every pass takes at most one request per peer per round.
+    """
+    order = [p for p in peers if pending.get(p)]
+    if not order:
+        return []
+    group = pending[order[0]][0].group
+    queues = {p: [r for r in pending[p] if r.group == group] for p in order}
+    slots: list[Slot] = []
+    left = budget
+    for decode in (True, False):
+        taken = {p: 0 for p in order}
+        progress = True
+        while progress and left > 0:
+            progress = False
+            for peer in order:
+                candidates = [r for r in queues[peer] if (r.remaining == 1) == decode]
+                if taken[peer] >= len(candidates) or left <= 0:
+                    continue
+                request = candidates[taken[peer]]
+                taken[peer] += 1
+                progress = True
+                tokens = min(request.remaining, left // request.rows)
+                if tokens <= 0:
+                    # no room for even one token per row this time: it waits for the next batch, unless the
+                    # batch is empty (a request wider than the budget still runs, one token per row)
+                    if slots:
+                        continue
+                    tokens = 1
+                slots.append(Slot(request, tokens))
+                left -= tokens * request.rows
+    return slots
+
+
+class StepScheduler:
+    """Pending steps by client peer; one batch at a time on the compute thread."""
+
+    def __init__(
+        self,
+        compute: Callable[[int, Callable[[], Any]], Awaitable[Any]],
+        *,
+        token_budget: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
+        self._compute = compute  # runs a closure on the compute thread (with in-flight accounting)
+        self.token_budget = token_budget
+        self.device, self.dtype = device, dtype
+        self._pending: dict[str, collections.deque[StepRequest]] = {}
+        self._peers: collections.deque[str] = collections.deque()  # round-robin order
+        self._task: asyncio.Task[None] | None = None
+        self.batches = 0  # batches run, and rows in them: for logs and tests
+        self.batched_rows = 0
+        self.max_batch_sessions = 0
+
+    async def step(
+        self,
+        session: Session,
+        hidden: torch.Tensor,
+        position: int,
+        hypo_ids: torch.Tensor | None = None,
+        pads: list[int] | None = None,
+    ) -> torch.Tensor:
+        """Queue one step of ``session``; returns its output ``[B, T, H]`` (on CPU, in ``hidden``'s dtype)."""
+        future: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
+        request = StepRequest(session, hidden, position, hypo_ids, pads, future)
+        if session.peer not in self._pending:
+            self._pending[session.peer] = collections.deque()
+            self._peers.append(session.peer)
+        self._pending[session.peer].append(request)
+        if self._task is None:
+            self._task = asyncio.create_task(self._run())
+        return await future
+
+    def pending(self) -> int:
+        return sum(len(q) for q in self._pending.values())
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                self._drop_dead()
+                slots = plan_batch(self._pending, list(self._peers), self.token_budget)
+                if not slots:
+                    return
+                self._peers.rotate(-1)  # the next batch starts with the next client peer
+                try:
+                    outs = await self._compute(PRIORITY_INFERENCE, functools.partial(self._run_batch, slots))
+                except Exception as e:  # delivered to every session of the batch
+                    for slot in slots:
+                        self._finish(slot.request, error=e)
+                    continue
+                for slot, out in zip(slots, outs, strict=True):
+                    request = slot.request
+                    request.outputs.append(out)
+                    request.done += slot.tokens
+                    if request.remaining == 0:
+                        self._finish(request)
+        finally:
+            self._task = None
+
+    def _drop_dead(self) -> None:
+        """Fail requests of closed sessions and forget cancelled ones (their client went away)."""
+        for peer in list(self._pending):
+            queue = self._pending[peer]
+            for request in list(queue):
+                if request.future.done():
+                    queue.remove(request)
+                elif request.session.cache is None:
+                    closed = request.session.closed or SessionClosedError("closed", "the session is closed")
+                    self._finish(request, error=closed)
+            if not queue:
+                del self._pending[peer]
+                self._peers.remove(peer)
+
+    def _finish(self, request: StepRequest, error: BaseException | None = None) -> None:
+        queue = self._pending.get(request.session.peer)
+        if queue is not None and request in queue:
+            queue.remove(request)
+        if request.future.done():
+            return
+        if error is not None:
+            request.future.set_exception(error)
+        else:
+            out = request.outputs[0] if len(request.outputs) == 1 else torch.cat(request.outputs, dim=1)
+            request.future.set_result(out)
+
+    def _run_batch(self, slots: list[Slot]) -> list[torch.Tensor]:
+        """On the compute thread: prepare each cache (rollback, reorder, padding), then one forward."""
+        torch.set_num_threads(threads_for(sum(s.tokens * s.request.rows for s in slots)))
+        with torch.inference_mode():
+            items = []
+            for slot in slots:
+                request, cache = slot.request, slot.request.session.cache
+                if cache is None:
+                    raise SessionClosedError("closed", "the session was closed while its step waited")
+                if request.done == 0:  # the step's first chunk
+                    if request.position < cache.length:
+                        cache.rollback(request.position)
+                    if request.hypo_ids is not None:
+                        cache.reorder(request.hypo_ids.to(cache.device))
+                    if request.pads is not None:
+                        cache.set_pads(request.pads)
+                chunk = request.hidden[:, request.done : request.done + slot.tokens]  # [B, t, H]
+                items.append((chunk.to(device=self.device, dtype=self.dtype), cache))
+            first = slots[0].request.session
+            if len(slots) == 1:  # alone: the plain span forward (deep prompts, sent LoRA, no packing cost)
+                outs = [
+                    first.span(
+                        items[0][0], cache=items[0][1], prompts=first.tuning.prompts, lora=first.tuning.lora
+                    )
+                ]
+            else:
+                outs = first.span.forward_packed(items, lora=first.tuning.lora)
+            self.batches += 1
+            self.batched_rows += sum(s.request.rows for s in slots)
+            self.max_batch_sessions = max(self.max_batch_sessions, len(slots))
+            return [
+                out.to(device="cpu", dtype=slot.request.hidden.dtype)
+                for out, slot in zip(outs, slots, strict=True)
+            ]
