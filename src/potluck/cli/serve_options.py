@@ -185,6 +185,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="KV cache one client peer may hold (default: half the budget, or one longest session if more)",
     )  # fmt: skip
     limits.add_argument(
+        "--peer-sessions", type=_positive_int, default=_S.peer_sessions,
+        help="inference sessions one client peer may hold open at once",
+    )  # fmt: skip
+    limits.add_argument(
         "--step-token-budget", type=_positive_int, default=_S.step_token_budget,
         help="rows*tokens of one batched compute step; longer prefills are split into chunks of it",
     )  # fmt: skip
@@ -289,7 +293,8 @@ def server_config_from_args(args: argparse.Namespace, *, model: str, device: str
             "max_inference_length", "max_batch_tokens", "max_alloc_timeout", "step_timeout", "session_timeout",
             "request_timeout", "update_period", "drain_timeout", "throughput", "compression", "bandwidth_mbps",
             "balance_quality", "balance_check_period", "start_delay_max", "inflight_frame_bytes",
-            "activation_bytes", "metrics_port", "peer_cache_tokens", "step_token_budget",
+            "activation_bytes", "metrics_port", "peer_cache_tokens", "peer_sessions",
+            "step_token_budget",
         )
     }  # fmt: skip
     expiration = args.expiration if args.expiration is not None else max(2 * args.update_period, 3.0)

@@ -42,6 +42,7 @@ class ServerConfig:
     # KV-cache tokens that one client peer's sessions may hold together, so one client cannot take the whole
     # budget; None: half of cache_tokens, or one max_inference_length session if that is more
     peer_cache_tokens: int | None = None
+    peer_sessions: int = 64  # inference sessions one client peer may hold open at once (more are refused)
     # rows x tokens one batched forward of inference steps may carry; longer prefills are cut into chunks of
     # this size that run between other sessions' decode steps (continuous batching, chunked prefill)
     step_token_budget: int = 256

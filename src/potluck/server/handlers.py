@@ -91,7 +91,7 @@ class ServerState:
         peer_tokens = cfg.peer_cache_tokens
         if peer_tokens is None:  # half the budget, but always room for one session of the longest length
             peer_tokens = max(cfg.cache_tokens // 2, min(cfg.cache_tokens, cfg.max_inference_length))
-        self.sessions = SessionTable(self.budget, peer_tokens)
+        self.sessions = SessionTable(self.budget, peer_tokens, cfg.peer_sessions)
         self.scheduler = StepScheduler(
             self.compute, token_budget=cfg.step_token_budget, device=self.device, dtype=self.dtype
         )

@@ -63,9 +63,10 @@ def group_key(start: int, end: int, tuning: TuningInputs, adapter: str | None, s
 class SessionTable:
     """Open sessions by id, with the cache budget and a per-client-peer bound."""
 
-    def __init__(self, budget: CacheBudget, peer_tokens: int):
+    def __init__(self, budget: CacheBudget, peer_tokens: int, peer_sessions: int = 64):
         self.budget = budget
         self.peer_tokens = peer_tokens  # cache tokens one client peer's sessions may hold together
+        self.peer_sessions = peer_sessions  # sessions one client peer may hold open together
         self._sessions: dict[str, Session] = {}
 
     def __len__(self) -> int:
@@ -103,6 +104,11 @@ class SessionTable:
             tuning=tuning,
             group=group_key(span.start, span.end, tuning, adapter, session_id),
         )
+        count = sum(1 for s in self._sessions.values() if s.peer == peer)
+        if count >= self.peer_sessions:
+            raise CacheFullError(
+                f"client {peer[-8:]} already holds {count} sessions here, the per-client limit: close one first"
+            )
         held = self.tokens_of(peer)
         # only a bound tighter than the whole budget refuses; otherwise the budget's own wait applies
         tighter = self.peer_tokens < self.budget.capacity
