@@ -80,7 +80,7 @@ def test_packed_sessions_match_each_session_alone(kind, local_model):
         caches.append(cache)
     packed = span.forward_packed([(embed(new), c) for new, c in zip(news, caches, strict=True)])
     for got, want, cache, prefix, new in zip(packed, alone, caches, prefixes, news, strict=True):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # packing changes summation order only
         assert cache.length == prefix.shape[1] + new.shape[1]
 
 

@@ -112,7 +112,7 @@ def test_params_resolution_like_hf():
     assert params.num_new_tokens(100) == 7
     assert GenerationParams.from_kwargs(config, eos_token_id=None).eos_token_id is None
     with pytest.raises(TypeError):
-        GenerationParams.from_kwargs(None, num_beams=4)
+        GenerationParams.from_kwargs(None, num_beam_groups=2)  # diverse beam search: not implemented
     with pytest.raises(ValueError):
         generate_tokens(
             lambda x: torch.zeros(1, 4),

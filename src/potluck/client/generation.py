@@ -80,7 +80,7 @@ class GenerationParams:
         """Resolve parameters like HF ``generate``: kwargs > ``generation_config`` (non-None fields) > defaults.
 
         ``generation_config`` is a ``transformers.GenerationConfig`` (e.g. ``model.generation_config``) or None.
-        Unknown kwargs raise TypeError (beam search and other strategies are not implemented).
+        Unknown kwargs raise TypeError (strategies not implemented here, e.g. group beam search).
         """
         names = {f.name for f in fields(cls)}
         values: dict[str, Any] = {}

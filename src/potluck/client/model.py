@@ -350,7 +350,9 @@ class DistributedModelForCausalLM(nn.Module):
 
         def step(new_ids: torch.Tensor, hypo_ids: torch.Tensor | None = None) -> torch.Tensor:
             nonlocal first, seen
-            if not first:
+            if first:  # the whole known sequence (beam search: already expanded to one row per beam)
+                seen = new_ids
+            else:
                 seen = torch.cat([seen if hypo_ids is None else seen[hypo_ids], new_ids], dim=1)
             position = None
             ids = new_ids[:, already:] if first else new_ids  # the first call repeats the known prefix
@@ -376,6 +378,8 @@ class DistributedModelForCausalLM(nn.Module):
                 )
                 break
             except VerificationRollback as rollback:
+                if params.num_beams > 1:  # beams cannot resume mid-search: the caller sees the error
+                    raise
                 # [trust] a liar was caught: regenerate the tokens after the last verified position
                 already = max(0, rollback.position - session.prefix_length)
                 input_ids = seen[:, : max(already + 1, prompt_length)]
