@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -305,6 +307,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # threads that spin-wait between parallel regions then steal cycles from whichever process is computing.
     # Must be set before torch loads its OpenMP runtime.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Ctrl-C (SIGINT) must stop a command even when it was started with SIGINT ignored, as a non-interactive
+    # shell does for its background jobs and some CI runners do for their whole tree; only in the main thread
+    # (tests call main() from others).
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "simulate":  # pure and network-free: hand the rest to the simulator's own parser
         from potluck.swarm.simulator import simulate_main
