@@ -27,11 +27,14 @@ class KeptForward:
     start: int
     end: int
     kept_at: float
-    nbytes: int = field(default=-1)  # bytes the entry holds; -1: measured by the cache on put
+    # bytes the entry holds; -1: measured by the cache on put (for row pieces, the first piece carries all)
+    nbytes: int = field(default=-1)
+    rows: slice | None = None  # a forward kept in row pieces (over shared leaves): the rows of this piece
 
 
-def graph_bytes(output: torch.Tensor, leaves: list[torch.Tensor]) -> int:
-    """Bytes held by ``output``'s autograd graph: tensors its nodes saved for backward, plus output and leaves.
+def graph_bytes(output: torch.Tensor | list[torch.Tensor], leaves: list[torch.Tensor]) -> int:
+    """Bytes held by ``output``'s autograd graph (or several outputs' graphs): tensors its nodes saved for
+    backward, plus output and leaves.
 
     Storages are counted once (views and tensors saved by several nodes share them)."""
     seen_storages: set[int] = set()
@@ -48,10 +51,11 @@ def graph_bytes(output: torch.Tensor, leaves: list[torch.Tensor]) -> int:
             for x in t:
                 add(x)
 
-    add(output)
+    outputs = output if isinstance(output, list) else [output]
+    add(outputs)
     add(leaves)
     seen_nodes: set[int] = set()
-    stack = [output.grad_fn]
+    stack = [out.grad_fn for out in outputs]
     while stack:
         node = stack.pop()
         if node is None or id(node) in seen_nodes:
@@ -73,33 +77,44 @@ class ActivationCache:
         self.ttl = ttl
         self.max_bytes = max_bytes
         self.nbytes = 0  # bytes held by the kept entries now
-        self._entries: OrderedDict[str, KeptForward] = OrderedDict()
+        self._entries: OrderedDict[str, list[KeptForward]] = OrderedDict()  # row pieces of one forward each
 
     def put(self, entry: KeptForward) -> str | None:
         """Keep ``entry`` and return its key, or None if it alone exceeds the byte budget (backward recomputes)."""
+        return self.put_parts([entry])
+
+    def put_parts(self, parts: list[KeptForward]) -> str | None:
+        """Keep the row pieces of one forward under one key (the budget counts their shared leaves once)."""
         self.expire()
-        if entry.nbytes < 0:
-            entry.nbytes = graph_bytes(entry.output, entry.leaves)
-        if entry.nbytes > self.max_bytes:
+        first = parts[0]
+        if first.nbytes < 0:
+            first.nbytes = graph_bytes([p.output for p in parts], first.leaves)
+        nbytes = sum(max(0, p.nbytes) for p in parts)
+        if nbytes > self.max_bytes:
             return None
         while self._entries and (
-            len(self._entries) >= self.capacity or self.nbytes + entry.nbytes > self.max_bytes
+            len(self._entries) >= self.capacity or self.nbytes + nbytes > self.max_bytes
         ):
             self._drop(next(iter(self._entries)))
         key = uuid.uuid4().hex
-        self._entries[key] = entry
-        self.nbytes += entry.nbytes
+        self._entries[key] = parts
+        self.nbytes += nbytes
         return key
 
     def pop(self, key: str | None, start: int, end: int) -> KeptForward | None:
         """The entry for ``key`` if it exists and covers the same blocks (then it is removed)."""
+        parts = self.pop_parts(key, start, end)
+        return parts[0] if parts else None
+
+    def pop_parts(self, key: str | None, start: int, end: int) -> list[KeptForward] | None:
+        """The row pieces kept under ``key`` if they exist and cover the same blocks (then they are removed)."""
         self.expire()
         if key is None or key not in self._entries:
             return None
-        entry = self._drop(key)
-        if (entry.start, entry.end) != (start, end):
+        parts = self._drop(key)
+        if (parts[0].start, parts[0].end) != (start, end):
             return None
-        return entry
+        return parts
 
     def clear(self) -> None:
         self._entries.clear()
@@ -112,12 +127,12 @@ class ActivationCache:
         """Free every entry older than ``ttl``."""
         now = time.monotonic()
         while self._entries:
-            key, entry = next(iter(self._entries.items()))
-            if now - entry.kept_at <= self.ttl:
+            key, parts = next(iter(self._entries.items()))
+            if now - parts[0].kept_at <= self.ttl:
                 break
             self._drop(key)
 
-    def _drop(self, key: str) -> KeptForward:
-        entry = self._entries.pop(key)
-        self.nbytes -= entry.nbytes
-        return entry
+    def _drop(self, key: str) -> list[KeptForward]:
+        parts = self._entries.pop(key)
+        self.nbytes -= sum(max(0, p.nbytes) for p in parts)
+        return parts

@@ -18,15 +18,15 @@ import torch
 
 from potluck.models import BlockSpan, KVCache, LoraWeights
 from potluck.server import metrics
-from potluck.server.activations import ActivationCache, KeptForward
+from potluck.server.activations import ActivationCache
 from potluck.server.cache_budget import CacheBudget, CacheFullError
 from potluck.server.config import ServerConfig
+from potluck.server.forward_chunks import ChunkedCompute
 from potluck.server.runtime import (
     PRIORITY_BACKWARD,
     PRIORITY_FORWARD,
     PRIORITY_INFERENCE,
     Runtime,
-    threads_for,
 )
 from potluck.server.scheduler import StepScheduler
 from potluck.server.sessions import Session, SessionClosedError, SessionTable
@@ -85,15 +85,19 @@ class ServerState:
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     sessions: SessionTable = field(init=False)  # open inference sessions, their caches and budget shares
     scheduler: StepScheduler = field(init=False)  # batches ready steps of different sessions
+    chunked: ChunkedCompute = field(init=False)  # forwards/backwards in pieces between inference steps
 
     def __post_init__(self) -> None:
         cfg = self.config
         peer_tokens = cfg.peer_cache_tokens
         if peer_tokens is None:  # half the budget, but always room for one session of the longest length
             peer_tokens = max(cfg.cache_tokens // 2, min(cfg.cache_tokens, cfg.max_inference_length))
-        self.sessions = SessionTable(self.budget, peer_tokens, cfg.peer_sessions)
+        self.sessions = SessionTable(self.budget, peer_tokens, cfg.peer_sessions, cfg.evict_idle_after)
         self.scheduler = StepScheduler(
             self.compute, token_budget=cfg.step_token_budget, device=self.device, dtype=self.dtype
+        )
+        self.chunked = ChunkedCompute(
+            self.compute, cfg.forward_chunk_tokens, self.device, self.dtype, self.activations
         )
 
     def close_sessions(self, code: str, message: str) -> int:
@@ -383,18 +387,10 @@ class Handlers:
         self.s.check_hidden(hidden, "hidden states")
         tuning = self._tuning(span, msg.tuning, tensors[1:], batch=hidden.shape[0], tokens=hidden.shape[1])
 
-        def run() -> tuple[torch.Tensor, str | None]:
-            torch.set_num_threads(threads_for(hidden.shape[0] * hidden.shape[1]))
-            if not msg.keep_activations:
-                with torch.inference_mode():
-                    x = hidden.to(device=self.s.device, dtype=self.s.dtype)  # [B, T, H]
-                    out = span(x, prompts=tuning.prompts, lora=tuning.lora)  # [B, T, H]
-                    return out.to(device="cpu", dtype=hidden.dtype), None
-            out, leaves = self._forward_with_graph(span, hidden, tuning)  # kept: backward won't recompute
-            kept = KeptForward(out, leaves, span.start, span.end, time.monotonic())
-            return out.detach().to(device="cpu", dtype=hidden.dtype), self.s.activations.put(kept)
-
-        out, activation_id = await self.s.compute(PRIORITY_FORWARD, run)
+        # in pieces, so other clients' inference steps run between them (server/forward_chunks.py)
+        out, activation_id = await self.s.chunked.forward(
+            PRIORITY_FORWARD, span, hidden, tuning, keep=msg.keep_activations
+        )
         metrics.count_request("forward", hidden.shape[0] * hidden.shape[1])
         await _send(writer, ForwardResult(activation_id=activation_id), [out], msg.output_compression)
 
@@ -414,36 +410,17 @@ class Handlers:
             raise BadRequest(f"grad_out {list(grad_out.shape)} must match hidden states {list(hidden.shape)}")
         tuning = self._tuning(span, msg.tuning, tensors[2:], batch=hidden.shape[0], tokens=hidden.shape[1])
 
-        def run() -> list[torch.Tensor]:
-            torch.set_num_threads(threads_for(hidden.shape[0] * hidden.shape[1]))
-            kept = self.s.activations.pop(msg.activation_id, span.start, span.end)
-            if (
-                kept is not None
-                and kept.output.shape == grad_out.shape
-                and len(kept.leaves) == 1 + len(tuning.leaves())
-            ):
-                out, leaves = kept.output, kept.leaves
-            else:  # nothing kept (or evicted, or another server did the forward): recompute it with autograd
-                out, leaves = self._forward_with_graph(span, hidden, tuning)
-            grads = torch.autograd.grad(out, leaves, grad_out.to(out.device, out.dtype), allow_unused=True)
-            return [
-                (torch.zeros_like(leaf) if g is None else g).to(device="cpu", dtype=hidden.dtype)
-                for g, leaf in zip(grads, leaves, strict=True)
-            ]
-
-        grads = await self.s.compute(PRIORITY_BACKWARD, run)
+        # from the kept graphs, or recomputed when none match; in pieces like the forward
+        grads = await self.s.chunked.backward(
+            PRIORITY_BACKWARD, span, hidden, grad_out, tuning, msg.activation_id
+        )
         metrics.count_request("backward", hidden.shape[0] * hidden.shape[1])
         await _send(writer, BackwardResult(), grads, msg.output_compression)
 
-    def _forward_with_graph(
-        self, span: BlockSpan, hidden: torch.Tensor, tuning: TuningInputs
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """On the compute thread: the span's output with its autograd graph, and the leaves to differentiate."""
-        with torch.enable_grad():
-            x = hidden.to(device=self.s.device, dtype=self.s.dtype).requires_grad_(True)  # [B, T, H]
-            inputs = tuning.requires_grad_()
-            out = span(x, prompts=inputs.prompts, lora=inputs.lora)  # [B, T, H]
-        return out, [x, *inputs.leaves()]
+        # from the kept graphs, or recomputed when none match; in pieces like the forward
+        grads = await self.s.chunked.backward(
+            PRIORITY_BACKWARD, span, hidden, grad_out, tuning, msg.activation_id
+        )
 
     def _tuning(
         self, span: BlockSpan, tuning: Tuning, tensors: list[torch.Tensor], *, batch: int, tokens: int
