@@ -189,6 +189,14 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="inference sessions one client peer may hold open at once",
     )  # fmt: skip
     limits.add_argument(
+        "--evict-idle-after", type=float, default=_S.evict_idle_after,
+        help="when the cache is full, close sessions idle this long whose client holds more than its fair share (s)",
+    )  # fmt: skip
+    limits.add_argument(
+        "--forward-chunk-tokens", type=_positive_int, default=_S.forward_chunk_tokens,
+        help="rows*tokens of one piece of a forward/backward; larger ones are split so inference steps wait at most one",
+    )  # fmt: skip
+    limits.add_argument(
         "--step-token-budget", type=_positive_int, default=_S.step_token_budget,
         help="rows*tokens of one batched compute step; longer prefills are split into chunks of it",
     )  # fmt: skip
@@ -294,7 +302,7 @@ def server_config_from_args(args: argparse.Namespace, *, model: str, device: str
             "request_timeout", "update_period", "drain_timeout", "throughput", "compression", "bandwidth_mbps",
             "balance_quality", "balance_check_period", "start_delay_max", "inflight_frame_bytes",
             "activation_bytes", "metrics_port", "peer_cache_tokens", "peer_sessions",
-            "step_token_budget",
+            "step_token_budget", "evict_idle_after", "forward_chunk_tokens",
         )
     }  # fmt: skip
     expiration = args.expiration if args.expiration is not None else max(2 * args.update_period, 3.0)

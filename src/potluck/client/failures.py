@@ -3,8 +3,8 @@
 Every failure of a remote call is classified once, here, into one of three verdicts:
 
 * ``retry_elsewhere``: this server failed in a way another may not (connection lost, no reply in time, a
-  malformed reply, or an ErrorReply ``overloaded``, ``draining``, ``wrong_span``, ``cache_full``, ``timeout``,
-  ``internal``). The server is banned (exponential backoff), the call re-routes and goes on, at most
+  malformed reply, or an ErrorReply ``overloaded``, ``draining``, ``wrong_span``, ``cache_full``, ``evicted``,
+  ``timeout``, ``internal``). The server is banned (exponential backoff), the call re-routes and goes on, at most
   ``max_retries`` times per call, then ``RetriesExhaustedError``.
 * ``skip_server``: the request is valid but this server cannot serve it (``limit_exceeded``,
   ``unknown_adapter``): it is left out for the rest of this call, not banned (it is healthy). When every holder
@@ -58,6 +58,9 @@ REPLY_VERDICTS: dict[str, Verdict] = {
     "unknown_adapter": Verdict.skip_server,
     "wrong_span": Verdict.retry_elsewhere,
     "cache_full": Verdict.retry_elsewhere,
+    # our idle session was closed for another client: re-open elsewhere; the ban (ban_base) keeps us off this full
+    # server for a while, after which it may be chosen again if it is the only holder of those blocks
+    "evicted": Verdict.retry_elsewhere,
     "overloaded": Verdict.retry_elsewhere,
     "draining": Verdict.retry_elsewhere,
     "timeout": Verdict.retry_elsewhere,

@@ -43,6 +43,13 @@ class ServerConfig:
     # budget; None: half of cache_tokens, or one max_inference_length session if that is more
     peer_cache_tokens: int | None = None
     peer_sessions: int = 64  # inference sessions one client peer may hold open at once (more are refused)
+    # when a session open does not fit the cache budget, sessions idle (no step) for this many seconds whose client
+    # holds more than its fair share (budget / clients holding sessions) are closed, longest idle first, to make
+    # room; their clients get ``evicted`` on the next step and re-open elsewhere (or here, once there is room)
+    evict_idle_after: float = 15.0
+    # rows x tokens of one piece of a forward/backward on the compute thread: larger ones are split (by rows, and
+    # by tokens for forwards without a graph) so other clients' inference steps wait at most one piece
+    forward_chunk_tokens: int = 1024
     # rows x tokens one batched forward of inference steps may carry; longer prefills are cut into chunks of
     # this size that run between other sessions' decode steps (continuous batching, chunked prefill)
     step_token_budget: int = 256

@@ -19,6 +19,7 @@ import asyncio
 import collections
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
@@ -134,6 +135,7 @@ class StepScheduler:
         pads: list[int] | None = None,
     ) -> torch.Tensor:
         """Queue one step of ``session``; returns its output ``[B, T, H]`` (on CPU, in ``hidden``'s dtype)."""
+        session.last_active = time.monotonic()
         future: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
         request = StepRequest(session, hidden, position, hypo_ids, pads, future)
         if session.peer not in self._pending:
@@ -142,7 +144,12 @@ class StepScheduler:
         self._pending[session.peer].append(request)
         if self._task is None:
             self._task = asyncio.create_task(self._run())
-        return await future
+        session.busy += 1  # a session with a step in flight is never idle (fair-share eviction)
+        try:
+            return await future
+        finally:
+            session.busy -= 1
+            session.last_active = time.monotonic()
 
     def pending(self) -> int:
         return sum(len(q) for q in self._pending.values())

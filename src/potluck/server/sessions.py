@@ -7,14 +7,21 @@ the budget at once, instead of when the handler next wakes up.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Hashable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 from potluck.models import BlockSpan, KVCache
 from potluck.server.cache_budget import CacheBudget, CacheFullError
 from potluck.server.tuning import TuningInputs
+
+logger = logging.getLogger(__name__)
+
+# While a session open waits for cache room, idle sessions of clients over their share are looked for this often
+EVICTION_RECHECK = 1.0
 
 
 class SessionClosedError(RuntimeError):
@@ -42,6 +49,8 @@ class Session:
     opened_at: float = field(default_factory=time.monotonic)
     steps: int = 0
     closed: SessionClosedError | None = None  # why the server closed it, if it did
+    last_active: float = field(default_factory=time.monotonic)  # when a step of it last arrived or finished
+    busy: int = 0  # steps of it queued or computing now (a busy session is never idle)
 
     @property
     def tokens(self) -> int:
@@ -60,13 +69,60 @@ def group_key(start: int, end: int, tuning: TuningInputs, adapter: str | None, s
     return (start, end, "adapter", adapter)
 
 
-class SessionTable:
-    """Open sessions by id, with the cache budget and a per-client-peer bound."""
+def choose_evictions(
+    sessions: Sequence[Session],
+    *,
+    requester: str,
+    needed: int,
+    free: int,
+    capacity: int,
+    now: float,
+    idle_after: float,
+) -> list[Session]:
+    """Sessions to close so that ``needed`` cache tokens fit for client peer ``requester``; pure, for tests.
 
-    def __init__(self, budget: CacheBudget, peer_tokens: int, peer_sessions: int = 64):
+    A client's fair share is the budget divided by the client peers holding sessions (the requester included).
+    Only idle sessions (no step for ``idle_after`` seconds, none in flight) of *other* clients holding more than
+    their share are closed, longest idle first, and only while their client stays over its share. A requester
+    that would itself pass its share closes nobody's session. Returns [] when even all such sessions would not
+    make room: closing some of them would not help anyone.
+    """
+    if needed <= free:
+        return []
+    held: Counter[str] = Counter()
+    for s in sessions:
+        held[s.peer] += s.tokens
+    share = capacity // len(set(held) | {requester})
+    if held[requester] + needed > share:
+        return []
+    idle = sorted(
+        (s for s in sessions if s.peer != requester and s.busy == 0 and now - s.last_active >= idle_after),
+        key=lambda s: s.last_active,
+    )
+    chosen = []
+    for session in idle:
+        if free >= needed:
+            break
+        if held[session.peer] > share:
+            chosen.append(session)
+            held[session.peer] -= session.tokens
+            free += session.tokens
+    return chosen if free >= needed else []
+
+
+class SessionTable:
+    """Open sessions by id, with the cache budget, per-client-peer bounds and fair-share eviction."""
+
+    def __init__(
+        self, budget: CacheBudget, peer_tokens: int, peer_sessions: int = 64, evict_idle_after: float = 15.0
+    ):
         self.budget = budget
         self.peer_tokens = peer_tokens  # cache tokens one client peer's sessions may hold together
         self.peer_sessions = peer_sessions  # sessions one client peer may hold open together
+        self.evict_idle_after = (
+            evict_idle_after  # idle seconds after which a session over its share may close
+        )
+        self.evicted = 0  # sessions closed to make room for another client, for logs and tests
         self._sessions: dict[str, Session] = {}
 
     def __len__(self) -> int:
@@ -117,7 +173,7 @@ class SessionTable:
                 f"client {peer[-8:]} already holds {held} cache tokens here; {session.tokens} more would pass "
                 f"the per-client bound of {self.peer_tokens}"
             )
-        await self.budget.acquire(session.tokens, alloc_timeout)
+        await self._acquire(peer, session.tokens, alloc_timeout)
         try:
             session.cache = await make_cache()
         except BaseException:
@@ -125,6 +181,54 @@ class SessionTable:
             raise
         self._sessions[session_id] = session
         return session
+
+    async def _acquire(self, peer: str, tokens: int, timeout: float) -> None:
+        """Reserve ``tokens``: close idle sessions of clients over their fair share if that makes room, else
+        wait for room (looking again now and then) up to ``timeout``, then a clear ``cache_full``."""
+        if tokens > self.budget.capacity:
+            await self.budget.acquire(tokens, timeout)  # raises: more than the whole budget
+        deadline = time.monotonic() + timeout
+        while True:
+            self.evict_for(peer, tokens)
+            remaining = deadline - time.monotonic()
+            try:
+                await self.budget.acquire(tokens, max(0.0, min(remaining, EVICTION_RECHECK)))
+                return
+            except CacheFullError:
+                if remaining <= EVICTION_RECHECK:
+                    raise CacheFullError(
+                        f"no KV-cache room for {tokens} tokens within {timeout:.1f}s ({self.budget.left} of "
+                        f"{self.budget.capacity} free, and no idle session of a client over its fair share "
+                        "to close): try another server"
+                    ) from None
+
+    def evict_for(self, peer: str, tokens: int) -> int:
+        """Close idle sessions of clients over their fair share so that ``tokens`` fit for ``peer``."""
+        chosen = choose_evictions(
+            self.list(),
+            requester=peer,
+            needed=tokens,
+            free=self.budget.left,
+            capacity=self.budget.capacity,
+            now=time.monotonic(),
+            idle_after=self.evict_idle_after,
+        )
+        for session in chosen:
+            idle = time.monotonic() - session.last_active
+            logger.info(
+                "evicting session %s of client %s (idle %.0fs, its client over its fair share) for client %s",
+                session.id[:8], session.peer[-8:], idle, peer[-8:],
+            )  # fmt: skip
+            self.close(
+                session,
+                SessionClosedError(
+                    "evicted",
+                    f"this session was idle for {idle:.0f}s while its client held more than its fair share of "
+                    "the KV cache, and another client needed room: it was closed; open a new one",
+                ),
+            )
+        self.evicted += len(chosen)
+        return len(chosen)
 
     def close(self, session: Session, reason: SessionClosedError | None = None) -> bool:
         """Forget ``session``, drop its cache and return its budget now; False if it was already closed."""

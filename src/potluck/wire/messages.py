@@ -166,6 +166,7 @@ ErrorCode = Literal[
     "wrong_span",  # the server does not hold the asked blocks (it moved or never did)
     "unknown_model",
     "cache_full",  # no KV-cache room within alloc_timeout
+    "evicted",  # the session was idle while its client held more than its fair share of the cache: closed
     "overloaded",
     "draining",  # the server is shutting down or moving: go elsewhere
     "timeout",
