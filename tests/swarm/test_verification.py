@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from potluck import AutoDistributedModelForCausalLM
 from potluck.cli.local_swarm import LocalSwarm
+from potluck.client.failures import failure_from_exception
 from potluck.server.server import TEST_LIE_ENV
 
 pytestmark = pytest.mark.swarm
@@ -85,4 +86,43 @@ def test_full_redundancy_catches_the_liar_on_the_first_step(swarm: dict[str, Any
         out = model.generate(PROMPT, max_new_tokens=20, eos_token_id=None)
         assert s.remote.verifier.caught_at_step == 1
         assert s.remote.verifier.checks >= 20  # every step was re-run once the route was honest
+    assert torch.equal(out, _expected(swarm, PROMPT)[:, : PROMPT.shape[1] + 20])
+
+
+def test_a_checker_that_fails_is_handled_by_the_failure_policy_not_called_a_liar(
+    swarm: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first re-run's connection is reset: that checker is banned by the failure policy (a short ban here),
+    never marked suspect, the check goes on with another holder, and the liar is still caught."""
+    banned: list[tuple[str, str]] = []
+    with (
+        _client(swarm, verify_fraction=1.0, ban_base=0.2) as model,
+        model.inference_session(max_length=NEW_TOKENS + 8) as s,
+    ):
+        verifier = s.remote.verifier
+        real_forward, real_ban = verifier.blocks.forward_hop, model.view.ban
+        failed: list[str] = []
+
+        async def reset_once(hop: Any, *args: Any, **kwargs: Any) -> Any:
+            if not failed and hop.peer_id != swarm["liar"]:
+                failed.append(hop.peer_id)
+                raise failure_from_exception(
+                    hop.peer_id, ConnectionResetError("reset by the test"), "forward"
+                )
+            return await real_forward(hop, *args, **kwargs)
+
+        def ban(peer_id: str, reason: str) -> float:
+            banned.append((peer_id, reason))
+            return real_ban(peer_id, reason)  # type: ignore[no-any-return]
+
+        monkeypatch.setattr(verifier.blocks, "forward_hop", reset_once)
+        monkeypatch.setattr(model.view, "ban", ban)
+        out = model.generate(PROMPT, max_new_tokens=20, eos_token_id=None)
+        assert (
+            len(failed) == 1
+            and (failed[0], banned[0][1]) == banned[0]
+            and "reset by the test" in banned[0][1]
+        )
+        assert failed[0] not in model.view.suspects and failed[0] not in verifier.caught
+        assert verifier.caught == [swarm["liar"]]
     assert torch.equal(out, _expected(swarm, PROMPT)[:, : PROMPT.shape[1] + 20])

@@ -16,11 +16,14 @@ every step is checked (full redundancy, at least twice the compute); the default
 A liar that lies on every step is caught after about 1/f steps of its hop (f = 0.05: within 100 steps with
 probability 1 - 0.95^100 = 99.4%); one that lies rarely is caught proportionally later. Verification needs a
 second server covering the hop's whole span; hops without one are not checked (logged once).
+
+Re-runs go through ``RemoteBlocks.forward_hop``, the path of every stateless forward, and a checker that fails
+(connection lost, no reply in time, an ErrorReply) is classified by the client's one failure policy
+(``failures.py``): banned or left out of the check, never taken for a liar, and the next holder is asked.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import random
@@ -29,15 +32,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from potluck.swarm.routing import RouteRequirements, unsuitable_reason
-from potluck.wire import (
-    PROTOCOL_FORWARD,
-    ErrorReply,
-    ForwardRequest,
-    ForwardResult,
-    read_message,
-    write_message,
-)
+from potluck.client.failures import Failover, HopFailure
+from potluck.client.remote_blocks import RemoteBlocks
+from potluck.errors import RetriesExhaustedError
+from potluck.swarm.routing import RouteHop, RouteRequirements, unsuitable_reason
 
 if TYPE_CHECKING:
     from potluck.client.inference import HopSession, RemoteInferenceSession
@@ -87,6 +85,9 @@ def outputs_match(a: torch.Tensor, b: torch.Tensor, tol: Tolerance) -> bool:
     return bool(((a32 - b32).abs() <= tol.atol + tol.rtol * b32.abs()).all())
 
 
+UNCONFIRMED = "<unconfirmed>"  # a check without verdict (never a peer id: those are base58)
+
+
 class VerificationRollback(Exception):
     """A lying server was caught: tokens after ``position`` (server positions) must be generated again."""
 
@@ -103,6 +104,9 @@ class Verifier:
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"verify_fraction must be in [0, 1], got {fraction}")
         self.view = view
+        self.blocks = RemoteBlocks(
+            view
+        )  # re-runs go the way of every stateless forward (and its failure policy)
         self.fraction = fraction
         self.rng = random.Random(seed)
         self.verified_until: dict[int, int] = {}  # id(HopSession) -> positions of that hop verified honest
@@ -132,6 +136,8 @@ class Verifier:
         if liar is None:
             self.verified_until[id(hop)] = end
             return
+        if liar == UNCONFIRMED:  # not checked after all: a later rollback goes back past these positions
+            return
         self.caught.append(liar)
         if self.caught_at_step is None:
             self.caught_at_step = self.steps
@@ -149,44 +155,72 @@ class Verifier:
     async def _check(
         self, session: RemoteInferenceSession, hop: HopSession, full: torch.Tensor, out: torch.Tensor
     ) -> str | None:
-        """None if ``out`` is confirmed (or cannot be checked); else the peer id of the liar."""
+        """None if ``out`` is confirmed, ``UNCONFIRMED`` if no verdict came (checkers failed, or two servers
+        disagree with nobody to decide; the positions then do not count as verified), else the liar's peer id."""
         start, end = hop.hop.start, hop.hop.end
         exclude = {hop.peer_id}
         # a stateless forward of the whole history: the session's needs but no cache, and all its tokens at once
         needs = dataclasses.replace(
             session.needs, max_length=None, batch_tokens=full.shape[0] * full.shape[1]
         )
-        second = self._pick(start, end, exclude, needs)
-        if second is None:
+        if self._pick(start, end, exclude, needs) is None:
             if (start, end) not in self._warned_unverifiable:
                 self._warned_unverifiable.add((start, end))
                 logger.info("blocks %d:%d have no second server: their outputs are not verified", start, end)
-            return None
+            return UNCONFIRMED
         self.checks += 1
+        # checkers that fail are handled by the client's one failure policy, like any other call
+        failover = Failover(self.view, needs, f"verifying blocks {start}:{end}")
         tail = out.shape[1]
-        ref = await self._forward(session, second, start, end, full)
-        if ref is None:
-            return None  # the second server failed: no verdict (failover handles broken servers)
-        tol = self._tolerance(hop.peer_id, second)
-        if outputs_match(out, ref[:, -tail:], tol):
+        checked = await self._rerun(session, failover, start, end, exclude, needs, full)
+        if checked is None:
+            return UNCONFIRMED  # no checker answered: no verdict on the checked server
+        second, ref = checked
+        if outputs_match(out, ref[:, -tail:], self._tolerance(hop.peer_id, second)):
             return None
-        exclude.add(second)
-        third = self._pick(start, end, exclude, needs)
         logger.warning(
-            "servers %s and %s disagree on blocks %d:%d (max diff %.3g); asking %s",
+            "servers %s and %s disagree on blocks %d:%d (max diff %.3g); asking a third",
             hop.peer_id[-8:], second[-8:], start, end, (out.float() - ref[:, -tail:].float()).abs().max(),
-            third[-8:] if third else "nobody (no third server)",
         )  # fmt: skip
-        if third is None:
-            return None
-        judge = await self._forward(session, third, start, end, full)
-        if judge is None:
-            return None
+        judged = await self._rerun(session, failover, start, end, exclude, needs, full)
+        if judged is None:
+            logger.warning("no third server answered for blocks %d:%d; no verdict", start, end)
+            return UNCONFIRMED
+        third, judge = judged
         if outputs_match(out, judge[:, -tail:], self._tolerance(hop.peer_id, third)):
             return second
         if outputs_match(ref, judge, self._tolerance(second, third)):
             return hop.peer_id
         logger.warning("three servers disagree on blocks %d:%d; no verdict", start, end)
+        return UNCONFIRMED
+
+    async def _rerun(
+        self,
+        session: RemoteInferenceSession,
+        failover: Failover,
+        start: int,
+        end: int,
+        exclude: set[str],
+        needs: RouteRequirements,
+        hidden: torch.Tensor,
+    ) -> tuple[str, torch.Tensor] | None:
+        """Blocks [start, end) over ``hidden`` [B, T, H] in one stateless forward on a random other holder, through
+        the same path as ``model(...)`` calls (``RemoteBlocks.forward_hop``). A holder that fails is classified by
+        the failure policy (banned, or left out of this check; a fatal answer is raised) and the next is asked;
+        None when nobody is left or the policy gave up. Every holder asked is added to ``exclude``."""
+        while (peer := self._pick(start, end, exclude, needs)) is not None:
+            exclude.add(peer)
+            hop = RouteHop(peer_id=peer, start=start, end=end)  # type: ignore[arg-type]
+            try:
+                out, _ = await self.blocks.forward_hop(hop, hidden, session.tuning)
+                return peer, out
+            except HopFailure as e:
+                logger.info("verification forward on %s failed: %s", peer[-8:], e)
+                try:
+                    await failover.handle(e)
+                except RetriesExhaustedError as gave_up:
+                    logger.warning("verification of blocks %d:%d gave up: %s", start, end, gave_up)
+                    return None
         return None
 
     def _pick(self, start: int, end: int, exclude: set[str], needs: RouteRequirements) -> str | None:
@@ -207,37 +241,3 @@ class Verifier:
             if span is not None:
                 dtypes.append(span.record.dtype)
         return tolerance_for(dtypes, self.view.config.compression)
-
-    async def _forward(
-        self, session: RemoteInferenceSession, peer: str, start: int, end: int, hidden: torch.Tensor
-    ) -> torch.Tensor | None:
-        """Blocks [start, end) of ``peer`` over ``hidden`` [B, T, H] in one stateless forward, or None on failure."""
-        from potluck.swarm.routing import RouteHop
-
-        cfg = self.view.config
-        hop = RouteHop(peer_id=peer, start=start, end=end)  # type: ignore[arg-type]
-        header, extra = session.tuning.for_hop(hop)
-        request = ForwardRequest(
-            model=self.view.model_prefix,
-            start=start,
-            end=end,
-            tuning=header,
-            output_compression=cfg.compression,  # type: ignore[arg-type]
-        )
-        try:
-            reader, writer = await self.view.open_stream(peer, PROTOCOL_FORWARD, timeout=cfg.connect_timeout)
-            try:
-                async with asyncio.timeout(cfg.request_timeout):
-                    await write_message(writer, request, [hidden, *extra], cfg.compression)
-                    msg, tensors = await read_message(reader)
-            finally:
-                writer.close()
-        except Exception as e:  # any failure of the checker is no verdict on the checked server
-            logger.info("verification forward on %s failed: %s: %s", peer[-8:], type(e).__name__, e)
-            return None
-        if isinstance(msg, ErrorReply) or not isinstance(msg, ForwardResult) or len(tensors) != 1:
-            logger.info("verification forward on %s refused: %s", peer[-8:], getattr(msg, "message", msg))
-            return None
-        if tensors[0].shape != hidden.shape:
-            return None
-        return tensors[0]
