@@ -83,9 +83,10 @@ class ChunkedCompute:
         if keep:
             return await self._forward_keep(priority, span, hidden, tuning)
         batch, tokens = hidden.shape[0], hidden.shape[1]
+        plan = plan_pieces(batch, tokens, self.chunk_tokens, split_tokens=True)
         outs: list[torch.Tensor] = []  # [rows, t, H] per piece, in plan order
         cache: KVCache | None = None  # temporary cache of the current row group when it is cut along tokens
-        for piece in plan_pieces(batch, tokens, self.chunk_tokens, split_tokens=True):
+        for piece in plan:
             whole_rows = piece.tokens.start == 0 and piece.tokens.stop == tokens
             if piece.tokens.start == 0:
                 cache = None
@@ -104,7 +105,7 @@ class ChunkedCompute:
 
             out, cache = await self.compute(priority, run)
             outs.append(out)
-        return _assemble(outs, plan_pieces(batch, tokens, self.chunk_tokens, split_tokens=True)), None
+        return _assemble(outs, plan), None
 
     async def _forward_keep(
         self, priority: int, span: BlockSpan, hidden: torch.Tensor, tuning: TuningInputs
@@ -149,12 +150,11 @@ class ChunkedCompute:
             kept = None
         batch, tokens = hidden.shape[0], hidden.shape[1]
         totals: list[torch.Tensor | None] = [None] * num_leaves
-        steps: list[
-            tuple[slice, Callable[[], torch.Tensor]]
-        ] = []  # rows, and how to get their graph's output
+        # per piece: its rows, and how to get their output attached to the graph over ``leaves``
+        steps: list[tuple[slice, Callable[[], torch.Tensor]]] = []
         if kept is not None:
             leaves = kept[0].leaves
-            steps = [(_rows(p), functools.partial(lambda t: t, p.output)) for p in kept]
+            steps = [(_rows(p), functools.partial(_kept_output, p)) for p in kept]
         else:  # nothing kept (or evicted, or another server did the forward): recompute each piece with autograd
 
             def leaves_of() -> tuple[torch.Tensor, TuningInputs]:
@@ -190,6 +190,10 @@ def _graph_forward(span: BlockSpan, x: torch.Tensor, tuning: TuningInputs, rows:
     with torch.enable_grad():
         piece = _rows_of(tuning, rows, x.shape[0])
         return span(x[rows], prompts=piece.prompts, lora=piece.lora)  # type: ignore[no-any-return]
+
+
+def _kept_output(part: KeptForward) -> torch.Tensor:
+    return part.output
 
 
 def _rows(part: KeptForward) -> slice:
