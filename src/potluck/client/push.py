@@ -12,8 +12,8 @@ its output on ourselves, and that link relays for the rest of the session.
 
 Push is used for a step only when it fits: ``ClientConfig.push`` is on, the chain has two or more servers, every
 server's cache holds exactly the session's positions (after a failover, the step that replays history to a
-replacement is relayed), all servers reorder rows alike (beam search sends the same ``hypo_ids`` to every hop, so
-it is pushed too), and the step is not split into pieces (long replays are relayed). Verification spot checks run
+replacement is relayed), no beam-search row reorder is pending (those steps are relayed, see ``push_fits``), and
+the step is not split into pieces (long replays are relayed). Verification spot checks run
 on the copies, as they do on relayed outputs; speculative decoding's multi-token steps and rollbacks need nothing
 special.
 """
@@ -73,7 +73,9 @@ def push_fits(session: RemoteInferenceSession, x: torch.Tensor, position: int) -
         return False
     if any(h.server_length != position or h.history.length != position for h in hops):
         return False  # a replacement needs its history replayed first
-    if any(h.pending_hypo != hops[0].pending_hypo for h in hops):
+    if any(h.pending_hypo is not None for h in hops):
+        # beam search's row reorder is relayed: were a server to die after pushing, the next one would have
+        # reordered its cache already, and the relayed retry would reorder it a second time
         return False
     return x.shape[0] * x.shape[1] <= session.view.config.max_replay_tokens
 
@@ -121,11 +123,14 @@ async def pushed_step(
     cfg = session.view.config
     hops = session.hops
     step_id = max(h.step_id for h in hops) + 1
+    for (
+        hop
+    ) in hops:  # every hop, so a relayed retry of this step gets a higher id than any late pushed answer
+        hop.step_id = step_id
     num_new = inputs.shape[1]
     x, pushed_in = inputs, False
     for j, hop in enumerate(hops):
         pushes = j + 1 < len(hops) and not hop.push_off
-        hop.step_id = step_id
         sent_at = time.perf_counter()
         try:
             async with asyncio.timeout(cfg.step_timeout):

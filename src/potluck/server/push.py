@@ -45,6 +45,7 @@ from potluck.wire import (
     InfoRequest,
     InfoResponse,
     OpenInference,
+    ProtocolError,
     PushAccepted,
     PushConfig,
     PushHello,
@@ -323,7 +324,7 @@ class PushHub:
             if entry.accept_from != peer:  # the client named another previous server meanwhile
                 return
             if not isinstance(msg, InferenceStep) or not msg.push or len(tensors) != 1:
-                raise ValueError(f"push stream carried {getattr(msg, 'kind', msg)!r}, not a pushed step")
+                raise ProtocolError(f"push stream carried {getattr(msg, 'kind', msg)!r}, not a pushed step")
             entry.last_step_at = time.monotonic()
             await run_step(entry, msg, tensors[0])
 
