@@ -115,9 +115,8 @@ class HopSession:
     # push (client/push.py): this server could not push to the next one, so that link is relayed from now on
     push_off: bool = False
     push_token: str | None = None  # secret the previous server presents when pushing into this session
-    push_accept_key: int | None = (
-        None  # ``uid`` of the previous hop this server was told to accept pushes from
-    )
+    # ``uid`` of the previous hop this server was told to accept pushes from
+    push_accept_key: int | None = None
     push_next_key: int | None = None  # ``uid`` of the next hop this server was told to push to
     uid: int = field(default_factory=itertools.count().__next__)  # unique per HopSession (ids get reused)
 
@@ -163,9 +162,8 @@ class RemoteInferenceSession:
         self.pads: list[int] | None = None  # left padding per row, sent with every step (None: no padding)
         self.hops: list[HopSession] = []
         self.failovers = 0  # servers replaced during this session, for logs and benchmarks
-        self.pushed_steps = (
-            0  # steps sent with server-to-server push (client/push.py), for tests and benchmarks
-        )
+        # steps sent with server-to-server push (client/push.py), for tests and benchmarks
+        self.pushed_steps = 0
         self.last_failover_at: float | None = None
         # (peer, seconds from send to reply, seconds the server reported): per-hop overhead for benchmarks
         self.hop_times: collections.deque[tuple[str, float, float]] = collections.deque(maxlen=4096)
