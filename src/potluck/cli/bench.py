@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from potluck.cli.local_swarm import LocalSwarm
+from potluck.cli.local_swarm import LocalSwarm, link_swarm
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +42,57 @@ def _decode_loop(
     return prefill, steps
 
 
-def bench_inference(args: argparse.Namespace) -> dict[str, Any]:
+def _swarm_decode(
+    args: argparse.Namespace, swarm: Any, model_path: str, prompt: torch.Tensor, max_length: int, push: bool
+) -> dict[str, Any]:
+    """One client's greedy decode through ``swarm``, with server-to-server push on or off."""
     from potluck import AutoDistributedModelForCausalLM
+
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        model_path,
+        initial_peers=swarm.initial_peers,
+        compression=args.compression,
+        link_delay_ms=args.link_delay_ms,
+        link_mbps=args.link_mbps,
+        load_tokenizer=False,
+        use_direct=not args.no_direct,
+        verify_fraction=args.verify_fraction,
+        verify_seed=0,
+        push=push,
+    )
+    try:
+        with torch.inference_mode(), model.inference_session(max_length=max_length) as session:
+            parts = model.client
+            prefill, steps = _decode_loop(
+                lambda h: session.step(parts.pre_blocks(h)),
+                (parts.embed, parts.head),
+                prompt,
+                args.new_tokens,
+            )
+            remote = session.remote
+            route = [f"{h.peer_id[-8:]}[{h.hop.start}:{h.hop.end}]" for h in remote.hops]
+            decode_hops = list(remote.hop_times)[len(remote.hops) :]  # skip the prefill
+            checks = remote.verifier.checks if remote.verifier is not None else 0
+            pushed = remote.pushed_steps
+    finally:
+        model.shutdown()
+    return {
+        "route": route,
+        "prefill": prefill,
+        "steps": steps,
+        "verify_checks": checks,
+        "pushed_steps": pushed,
+        # where the time goes: per hop, client-observed minus server-reported (network, p2pd, framing); with
+        # push, client-observed is from sending the step to the first server until this hop's copy arrived
+        "hop_transport_ms": _ms(statistics.median(t - s for _, t, s in decode_hops)),
+        "hop_server_ms": _ms(statistics.median(s for _, _, s in decode_hops)),
+    }
+
+
+PUSH_MODES = {"on": (True,), "off": (False,), "both": (True, False)}
+
+
+def bench_inference(args: argparse.Namespace) -> dict[str, Any]:
     from potluck.cli.sample_models import bench_model_path
     from potluck.models import LocalCausalLM, load_config
 
@@ -54,11 +103,8 @@ def bench_inference(args: argparse.Namespace) -> dict[str, Any]:
     vocab = int(load_config(model_path).vocab_size)
     prompt = torch.randint(0, vocab, (1, args.prompt_tokens))
     max_length = args.prompt_tokens + args.new_tokens
-    link_env = {"POTLUCK_LINK_DELAY_MS": str(args.link_delay_ms), "POTLUCK_LINK_MBPS": str(args.link_mbps)}
-    with (
-        tempfile.TemporaryDirectory(prefix="potluck-bench-") as logs,
-        LocalSwarm(logs, env=link_env) as swarm,
-    ):
+    runs: dict[str, dict[str, Any]] = {}
+    with link_swarm(args.link_delay_ms, args.link_mbps) as swarm:
         swarm.start_bootstrap()
         procs = [
             swarm.start_server(model_path, s, wait=False, extra_args=["--throughput", "100"])
@@ -66,31 +112,8 @@ def bench_inference(args: argparse.Namespace) -> dict[str, Any]:
             for _ in range(args.replicas)  # replicas > 1: verification has a second server to re-run steps on
         ]
         swarm.wait_ready(procs)
-        model = AutoDistributedModelForCausalLM.from_pretrained(
-            model_path,
-            initial_peers=swarm.initial_peers,
-            compression=args.compression,
-            link_delay_ms=args.link_delay_ms,
-            link_mbps=args.link_mbps,
-            load_tokenizer=False,
-            use_direct=not args.no_direct,
-            verify_fraction=args.verify_fraction,
-            verify_seed=0,
-        )
-        try:
-            with torch.inference_mode(), model.inference_session(max_length=max_length) as session:
-                parts = model.client
-                prefill, steps = _decode_loop(
-                    lambda h: session.step(parts.pre_blocks(h)),
-                    (parts.embed, parts.head),
-                    prompt,
-                    args.new_tokens,
-                )
-                route = [f"{h.peer_id[-8:]}[{h.hop.start}:{h.hop.end}]" for h in session.remote.hops]
-                decode_hops = list(session.remote.hop_times)[len(session.remote.hops) :]  # skip the prefill
-                verifier = session.remote.verifier
-        finally:
-            model.shutdown()
+        for push in PUSH_MODES[args.push]:
+            runs["on" if push else "off"] = _swarm_decode(args, swarm, model_path, prompt, max_length, push)
         local = LocalCausalLM.from_pretrained(model_path)
         with torch.inference_mode():
             cache = local.new_cache(1, max_length)
@@ -100,15 +123,37 @@ def bench_inference(args: argparse.Namespace) -> dict[str, Any]:
                 prompt,
                 args.new_tokens,
             )
-    swarm_step = statistics.median(steps)
     local_step = statistics.median(local_steps)
     delay = args.link_delay_ms / 1000
+    # the physical floor of a step: the links it must cross plus the local compute. Relaying through the
+    # client crosses 2k one-way links for k servers; servers pushing to the next one cross k + 1.
+    relay_floor = local_step + 2 * len(spans) * delay
+    push_floor = local_step + (len(spans) + 1) * delay if len(spans) > 1 else relay_floor
+    by_mode = {}
+    for mode, run in runs.items():
+        step = statistics.median(run["steps"])
+        by_mode[mode] = {
+            "step_ms": _ms(step),
+            "step_mean_ms": _ms(statistics.mean(run["steps"])),
+            "prefill_ms": _ms(run["prefill"]),
+            "step_over_push_floor": round(step / push_floor, 3),
+            "step_over_relay_floor": round(step / relay_floor, 3),
+            "step_ratio": round(step / local_step, 3),  # over the local step
+            "pushed_steps": run["pushed_steps"],  # steps that went by push (0 with push off)
+            "verify_checks": run["verify_checks"],  # steps re-run on a second server
+            "hop_transport_ms": run["hop_transport_ms"],
+            "hop_server_ms": run["hop_server_ms"],
+            "route": run["route"],
+        }
+    first = next(iter(by_mode))  # the flat keys below describe this mode (push on, unless --push off)
+    main = runs[first]
+    swarm_step = statistics.median(main["steps"])
     return {
         "bench": "inference",
         "model": model_path,
         "servers": len(spans),
         "spans": [list(s) for s in spans],
-        "route": route,
+        "route": main["route"],
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
         "link_delay_ms": args.link_delay_ms,
@@ -117,24 +162,23 @@ def bench_inference(args: argparse.Namespace) -> dict[str, Any]:
         "direct_path": not args.no_direct,  # encrypted direct TCP (else libp2p only)
         "replicas": args.replicas,
         "verify_fraction": args.verify_fraction,
-        "verify_checks": verifier.checks if verifier is not None else 0,  # steps re-run on a second server
-        "prefill_ms": _ms(prefill),
+        "push": first,  # server-to-server push of the flat keys' run; "push_modes" has each mode
+        "verify_checks": main["verify_checks"],
+        "prefill_ms": _ms(main["prefill"]),
         "local_prefill_ms": _ms(local_prefill),
         "swarm_step_ms": _ms(swarm_step),
-        "swarm_step_mean_ms": _ms(statistics.mean(steps)),
+        "swarm_step_mean_ms": _ms(statistics.mean(main["steps"])),
         "local_step_ms": _ms(local_step),
         "local_step_mean_ms": _ms(statistics.mean(local_steps)),
         "step_ratio": round(swarm_step / local_step, 3),
         "overhead_per_token_ms": _ms(swarm_step - local_step),
-        # the physical floor of a step: the links it must cross plus the local compute. Relaying through the
-        # client crosses 2k one-way links for k servers; servers pushing to the next one cross k + 1.
-        "relay_floor_ms": _ms(local_step + 2 * len(spans) * delay),
-        "push_floor_ms": _ms(local_step + (len(spans) + 1) * delay),
-        "step_over_relay_floor": round(swarm_step / (local_step + 2 * len(spans) * delay), 3),
-        "step_over_push_floor": round(swarm_step / (local_step + (len(spans) + 1) * delay), 3),
-        # where the time goes: per hop, client-observed minus server-reported (network, p2pd, framing)
-        "hop_transport_ms": _ms(statistics.median(t - s for _, t, s in decode_hops)),
-        "hop_server_ms": _ms(statistics.median(s for _, _, s in decode_hops)),
+        "relay_floor_ms": _ms(relay_floor),
+        "push_floor_ms": _ms(push_floor),
+        "step_over_relay_floor": round(swarm_step / relay_floor, 3),
+        "step_over_push_floor": round(swarm_step / push_floor, 3),
+        "push_modes": by_mode,
+        "hop_transport_ms": main["hop_transport_ms"],
+        "hop_server_ms": main["hop_server_ms"],
         "torch_threads": torch.get_num_threads(),
     }
 
@@ -233,11 +277,7 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
             times.append(time.perf_counter() - t0)
         return times[1:]
 
-    link_env = {"POTLUCK_LINK_DELAY_MS": str(args.link_delay_ms), "POTLUCK_LINK_MBPS": str(args.link_mbps)}
-    with (
-        tempfile.TemporaryDirectory(prefix="potluck-bench-") as logs,
-        LocalSwarm(logs, env=link_env) as swarm,
-    ):
+    with link_swarm(args.link_delay_ms, args.link_mbps) as swarm:
         swarm.start_bootstrap()
         procs = [
             swarm.start_server(model_path, s, wait=False, extra_args=["--throughput", "100"])

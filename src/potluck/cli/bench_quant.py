@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from potluck.cli.local_swarm import LocalSwarm
+from potluck.cli.local_swarm import link_swarm
 
 
 def _mean_kl(reference_logits: torch.Tensor, logits: torch.Tensor) -> float:
@@ -50,11 +49,7 @@ def bench_inference_quant(args: argparse.Namespace) -> dict[str, Any]:
     del local
     sets = (args.quant, "none")
     results: dict[str, dict[str, Any]] = {}
-    link_env = {"POTLUCK_LINK_DELAY_MS": str(args.link_delay_ms), "POTLUCK_LINK_MBPS": str(args.link_mbps)}
-    with (
-        tempfile.TemporaryDirectory(prefix="potluck-bench-") as logs,
-        LocalSwarm(logs, env=link_env) as swarm,
-    ):
+    with link_swarm(args.link_delay_ms, args.link_mbps) as swarm:
         swarm.start_bootstrap()
         extra = ["--throughput", "100", "--dtype", args.dtype]
         procs = {

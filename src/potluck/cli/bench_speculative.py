@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 from typing import Any
 
@@ -80,7 +79,7 @@ def bench_inference_with_draft(args: argparse.Namespace) -> dict[str, Any]:
 
     from potluck import AutoDistributedModelForCausalLM
     from potluck.cli.bench import _even_spans
-    from potluck.cli.local_swarm import LocalSwarm
+    from potluck.cli.local_swarm import link_swarm
     from potluck.cli.sample_models import bench_model_path
     from potluck.client.speculative import SpeculationStats
     from potluck.models import load_config
@@ -93,11 +92,7 @@ def bench_inference_with_draft(args: argparse.Namespace) -> dict[str, Any]:
     draft = build_bench_draft(args, model_path)
     runs: dict[str, dict[str, Any]] = {}
     outputs: dict[str, torch.Tensor] = {}
-    link_env = {"POTLUCK_LINK_DELAY_MS": str(args.link_delay_ms), "POTLUCK_LINK_MBPS": str(args.link_mbps)}
-    with (
-        tempfile.TemporaryDirectory(prefix="potluck-bench-") as logs,
-        LocalSwarm(logs, env=link_env) as swarm,
-    ):
+    with link_swarm(args.link_delay_ms, args.link_mbps) as swarm:
         swarm.start_bootstrap()
         procs = [
             swarm.start_server(model_path, s, wait=False, extra_args=["--throughput", "100"]) for s in spans

@@ -12,13 +12,16 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 READY_PREFIX = "POTLUCK_READY "
+ENV_LINK_DELAY_MS = "POTLUCK_LINK_DELAY_MS"  # read by swarm/link.py in every process we start
+ENV_LINK_MBPS = "POTLUCK_LINK_MBPS"
 
 
 class LaunchError(RuntimeError):
@@ -210,3 +213,14 @@ def _read_stdout(proc: SwarmProcess) -> None:
         else:
             with open(proc.log_path, "a") as log:
                 log.write(line)
+
+
+@contextlib.contextmanager
+def link_swarm(
+    link_delay_ms: float = 0.0, link_mbps: float = 0.0, prefix: str = "potluck-bench-"
+) -> Iterator[LocalSwarm]:
+    """A ``LocalSwarm`` logging to a temporary directory whose processes all emulate the given link (swarm/link.py):
+    the one setup of the benchmarks (the client passes the same values as ``link_delay_ms`` / ``link_mbps``)."""
+    env = {ENV_LINK_DELAY_MS: str(link_delay_ms), ENV_LINK_MBPS: str(link_mbps)}
+    with tempfile.TemporaryDirectory(prefix=prefix) as logs, LocalSwarm(logs, env=env) as swarm:
+        yield swarm

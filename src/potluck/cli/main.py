@@ -241,6 +241,10 @@ def build_parser() -> PotluckParser:
         help="hidden-state compression",
     )
     b.add_argument("--no-direct", action="store_true", help="client uses libp2p only (no direct TCP path)")
+    b.add_argument(
+        "--push", default="both", choices=["on", "off", "both"],
+        help="server-to-server push: measure with it on, off (client relays every hop), or both in one swarm",
+    )  # fmt: skip
     b.add_argument("--replicas", type=int, default=1, help="servers per span (>1 lets verification run)")
     b.add_argument("--verify-fraction", type=float, default=0.05, help="client's verify_fraction")
     b.add_argument(

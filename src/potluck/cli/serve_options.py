@@ -25,6 +25,7 @@ FLAG_FOR_FIELD = {
     "identity_path": "identity",
     "client_mode": None,
     "swarm_key_path": "swarm_key",
+    "push": "no_push",
 }
 
 
@@ -134,6 +135,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     net.add_argument(
         "--no-direct", action="store_true", help="serve over libp2p only (encrypted; slower on busy hosts)"
     )
+    net.add_argument(
+        "--no-push", action="store_true",
+        help="never push step outputs to the next server nor accept pushes (clients then relay every hop)",
+    )  # fmt: skip
     net.add_argument(
         "--metrics-port", type=int, default=_S.metrics_port,
         help="serve Prometheus /metrics on this port of --host (0: any free port; default: off)",
@@ -312,6 +317,7 @@ def server_config_from_args(args: argparse.Namespace, *, model: str, device: str
         device=device,
         expiration=expiration,
         direct_port=None if args.no_direct else args.direct_port,
+        push=not args.no_push,
         adapters=tuple(args.adapters),
         **fields,
     )

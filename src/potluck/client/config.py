@@ -32,6 +32,9 @@ class ClientConfig:
     allowed_quant: tuple[str, ...] = ()
     show_route: bool = False  # log each route chosen
     use_direct: bool = True  # use a server's plain-TCP data path when it announces one (else libp2p only)
+    # servers pass each step's output straight to the next server (k + 1 links per step instead of 2k, see
+    # client/push.py); False: the client relays every hop's output itself
+    push: bool = True
     tuning_mode: str | None = None  # None | "ptune" (soft prompt) | "deep_ptune" (+ a prompt per block)
     pre_seq_len: int = 16  # soft-prompt length for ptune / deep_ptune
     lora_rank: int = 0  # > 0: client-owned LoRA adapters of this rank on the remote blocks

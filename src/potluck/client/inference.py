@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from potluck.client.failures import (
     failure_from_reply,
     unexpected_reply,
 )
+from potluck.client.push import push_fits, pushed_step, read_step_reply
 from potluck.client.swarm_view import SwarmView
 from potluck.client.tuning import TuningPayload
 from potluck.client.verification import Verifier
@@ -109,6 +111,14 @@ class HopSession:
     step_id: int = 0
     closed: bool = False
     pending_hypo: list[int] | None = None  # beam search: row reorder to send with the next step
+    session_id: str = ""  # the server's id of this session (the previous server pushes into it)
+    # push (client/push.py): this server could not push to the next one, so that link is relayed from now on
+    push_off: bool = False
+    push_token: str | None = None  # secret the previous server presents when pushing into this session
+    # ``uid`` of the previous hop this server was told to accept pushes from
+    push_accept_key: int | None = None
+    push_next_key: int | None = None  # ``uid`` of the next hop this server was told to push to
+    uid: int = field(default_factory=itertools.count().__next__)  # unique per HopSession (ids get reused)
 
     @property
     def peer_id(self) -> str:
@@ -152,6 +162,8 @@ class RemoteInferenceSession:
         self.pads: list[int] | None = None  # left padding per row, sent with every step (None: no padding)
         self.hops: list[HopSession] = []
         self.failovers = 0  # servers replaced during this session, for logs and benchmarks
+        # steps sent with server-to-server push (client/push.py), for tests and benchmarks
+        self.pushed_steps = 0
         self.last_failover_at: float | None = None
         # (peer, seconds from send to reply, seconds the server reported): per-hop overhead for benchmarks
         self.hop_times: collections.deque[tuple[str, float, float]] = collections.deque(maxlen=4096)
@@ -201,7 +213,7 @@ class RemoteInferenceSession:
             writer.close()
             raise unexpected_reply(hop.peer_id, "open_inference")
         self.view.record_rtt(hop.peer_id, time.perf_counter() - t0)
-        return HopSession(hop=hop, reader=reader, writer=writer)
+        return HopSession(hop=hop, reader=reader, writer=writer, session_id=msg.session_id)
 
     async def _open_chain(self, start: int, end: int, failover: Failover) -> list[HopSession]:
         """Route and open sessions for [start, end); failures go through the call's ``failover`` policy."""
@@ -252,6 +264,11 @@ class RemoteInferenceSession:
         num_new = inputs.shape[1]
         x, x_start = inputs, position  # x holds positions [x_start, position + num_new) at the current block
         index = 0
+        if push_fits(self, inputs, position):  # servers pass outputs on themselves (client/push.py)
+            index, x, failure = await pushed_step(self, inputs, position)
+            if failure is not None:  # then relay from the failed hop on, exactly as below
+                await self._replace(index, failure, failover)
+            self.pushed_steps += 1
         while index < len(self.hops):
             hop = self.hops[index]
             send_start = min(
@@ -313,7 +330,7 @@ class RemoteInferenceSession:
                         hypo_ids=hop.pending_hypo if offset == 0 else None,
                     )
                     await write_message(hop.writer, step, [piece], cfg.compression)
-                    msg, tensors = await read_message(hop.reader)
+                    msg, tensors = await read_step_reply(hop)
             except CONNECTION_ERRORS as e:
                 raise failure_from_exception(
                     hop.peer_id, e, f"step (step_timeout {cfg.step_timeout}s)"

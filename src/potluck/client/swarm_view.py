@@ -24,6 +24,7 @@ from potluck.errors import (
 from potluck.swarm.claims import cap_unobserved_claims
 from potluck.swarm.direct import DirectConnectError, open_direct
 from potluck.swarm.directory import fetch_snapshot
+from potluck.swarm.push_routing import find_push_route
 from potluck.swarm.records import SwarmSnapshot
 from potluck.swarm.routing import (
     RouteHop,
@@ -220,7 +221,17 @@ class SwarmView:
         while True:
             banned = self.excluded() | set(skip)
             try:
-                if inference:
+                if inference and self.config.push:  # server-to-server legs priced by servers' announced RTTs
+                    hops = find_push_route(
+                        self.routing_snapshot(),
+                        start,
+                        end,
+                        rtts=self.rtts,
+                        batch_tokens=batch_tokens,
+                        banned=banned,
+                        needs=needs,
+                    )
+                elif inference:
                     hops = find_inference_route(
                         self.routing_snapshot(),
                         start,

@@ -35,6 +35,9 @@ class ServerConfig:
     throughput: float | None = None  # announced tokens/s per block; None: measure at start
     compression: str = "none"  # default compression of replies when the client does not ask
     direct_port: int | None = 0  # plain-TCP data path beside libp2p (0: any free port; None: off)
+    # push step outputs straight to the next server when a client asks (server/push.py) and accept pushes from
+    # the previous one; False: refuse both, so clients relay every hop through themselves
+    push: bool = True
     bandwidth_mbps: float = 100.0  # this server's network bandwidth, for the announced network throughput
     balance_quality: float = 0.75  # move only if the swarm's throughput would grow past 1/this; 0: never move
     balance_check_period: float = 60.0  # check for a better span about this often (randomised +-50%)

@@ -22,6 +22,7 @@ from potluck.server.activations import ActivationCache
 from potluck.server.cache_budget import CacheBudget, CacheFullError
 from potluck.server.config import ServerConfig
 from potluck.server.forward_chunks import ChunkedCompute
+from potluck.server.push import PushHub, SessionPush
 from potluck.server.runtime import (
     PRIORITY_BACKWARD,
     PRIORITY_FORWARD,
@@ -29,7 +30,7 @@ from potluck.server.runtime import (
     Runtime,
 )
 from potluck.server.scheduler import StepScheduler
-from potluck.server.sessions import Session, SessionClosedError, SessionTable
+from potluck.server.sessions import SessionClosedError, SessionTable
 from potluck.server.tuning import TuningError, TuningInputs, unpack_tuning
 from potluck.wire import (
     BackwardRequest,
@@ -46,6 +47,7 @@ from potluck.wire import (
     Message,
     OpenInference,
     ProtocolError,
+    PushConfig,
     StreamClosed,
     Tuning,
     WireLimits,
@@ -83,6 +85,7 @@ class ServerState:
         default_factory=ActivationCache
     )  # training forwards awaiting backward
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    push: PushHub | None = None  # server-to-server push (server/push.py); None: off, clients relay
     sessions: SessionTable = field(init=False)  # open inference sessions, their caches and budget shares
     scheduler: StepScheduler = field(init=False)  # batches ready steps of different sessions
     chunked: ChunkedCompute = field(init=False)  # forwards/backwards in pieces between inference steps
@@ -286,6 +289,10 @@ class Handlers:
             "session %s from %s: blocks %d:%d, batch %d, max_length %d",
             session.id[:8], peer[-8:], msg.start, msg.end, msg.batch_size, msg.max_length,
         )  # fmt: skip
+        if self.s.push is not None:
+            entry = self.s.push.register(session, msg, writer)
+        else:
+            entry = SessionPush(session=session, opened=msg, client_writer=writer)
         try:
             await _send(
                 writer,
@@ -293,18 +300,14 @@ class Handlers:
                     session_id=session.id, start=msg.start, end=msg.end, max_length=msg.max_length
                 ),
             )
-            await self._steps(session, msg, reader, writer)
+            await self._steps(entry, reader)
         finally:
             self.s.sessions.close(session)  # frees the KV cache and its budget now
+            if self.s.push is not None:
+                self.s.push.unregister(entry)
             logger.info("session %s closed", session.id[:8])
 
-    async def _steps(
-        self,
-        session: Session,
-        opened: OpenInference,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-    ) -> None:
+    async def _steps(self, entry: SessionPush, reader: asyncio.StreamReader) -> None:
         cfg = self.s.config
         deadline = time.monotonic() + cfg.session_timeout
         while True:
@@ -315,19 +318,35 @@ class Handlers:
                 msg, tensors = await read_message(reader, self.s.limits, timeout=timeout)
             except StreamClosed:
                 return
+            except TimeoutError:
+                # with push, a server after the first gets its steps from the previous server, not this stream
+                if time.monotonic() - entry.last_step_at < cfg.step_timeout:
+                    continue
+                raise
             if isinstance(msg, CloseInference):
                 return
+            if isinstance(msg, PushConfig):
+                if self.s.push is not None:
+                    self.s.push.configure(entry, msg)
+                continue
             if not isinstance(msg, InferenceStep):
                 raise BadRequest(f"expected inference_step, got {_kind(msg)}")
+            if len(tensors) != 1:
+                raise BadRequest(f"inference_step carries 1 tensor (hidden states), got {len(tensors)}")
+            entry.last_step_at = time.monotonic()
+            await self._step(entry, msg, tensors[0])
+
+    async def _step(self, entry: SessionPush, msg: InferenceStep, hidden: torch.Tensor) -> None:
+        """Run one step (from the client, or pushed by the previous server), push it on, answer the client."""
+        session, opened = entry.session, entry.opened
+        received = time.perf_counter()
+        async with entry.step_lock:  # a pushed step and a client's step of one session never interleave
             cache = session.cache
             if cache is None:  # a move or a drain closed the session meanwhile
                 code = session.closed.code if session.closed else "closed"
                 raise BadRequest(str(session.closed), code, retryable=True)
             if self.s.state == "offline":
                 raise BadRequest("server is draining: continue on another server", "draining", retryable=True)
-            if len(tensors) != 1:
-                raise BadRequest(f"inference_step carries 1 tensor (hidden states), got {len(tensors)}")
-            hidden = tensors[0]
             self.s.check_hidden(hidden, "hidden states", batch=opened.batch_size)
             num_new = hidden.shape[1]
             if msg.position > cache.length:
@@ -353,23 +372,51 @@ class Handlers:
             ):
                 raise BadRequest(f"pads must be {opened.batch_size} integers in 0..{cache.max_length}")
             del cache  # the session owns it: a move may drop it while this step waits
-            received = time.perf_counter()
             try:
                 out = await self.s.scheduler.step(session, hidden, msg.position, hypo_ids, msg.pads)
             except SessionClosedError as e:
                 raise BadRequest(str(e), e.code, retryable=True) from None
             session.steps += 1
-            metrics.count_step(hidden.shape[0], num_new)
+            length = session.length
+        metrics.count_step(hidden.shape[0], num_new)
+        push_error = None
+        if msg.push:  # the next server first (the critical path), then the client's copy
+            push_error = "push is off on this server"
+            if self.s.push is not None:
+                push_error = await self.s.push.push(entry, msg, out)
+        async with entry.write_lock:
             await _send(
-                writer,
+                entry.client_writer,
                 InferenceStepResult(
                     step_id=msg.step_id,
-                    position=session.length,
+                    position=length,
                     server_ms=(time.perf_counter() - received) * 1000,
+                    push_error=push_error,
                 ),
                 [out],
                 opened.output_compression,
             )
+
+    # --- push (server/push.py) ------------------------------------------------------------------------
+
+    async def push(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Steps pushed by the previous server of a chain (``PROTOCOL_PUSH``)."""
+        if self.s.push is None:
+            return
+        hub = self.s.push
+        await _guarded(writer, peer, "push", lambda: hub.handle(peer, reader, writer, self._pushed_step))
+
+    async def _pushed_step(self, entry: SessionPush, msg: InferenceStep, hidden: torch.Tensor) -> None:
+        """A pushed step: its failures go to the session's client (on its stream), who fails over as usual."""
+        try:
+            await self._step(entry, msg, hidden)
+        except BadRequest as e:
+            logger.info("pushed step of session %s refused: %s", entry.session.id[:8], e)
+            async with entry.write_lock:
+                await _reply_error(entry.client_writer, e.code, str(e), e.retryable)
+        except CacheFullError as e:
+            async with entry.write_lock:
+                await _reply_error(entry.client_writer, "cache_full", str(e), True)
 
     # --- forward / backward ------------------------------------------------------------------------------
 

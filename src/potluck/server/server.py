@@ -23,6 +23,7 @@ from potluck.server.cache_budget import CacheBudget
 from potluck.server.config import ServerConfig
 from potluck.server.handlers import Handlers, ServerState
 from potluck.server.placement import block_bytes, choose_quant, size_num_blocks, span_fits
+from potluck.server.push import PushHub
 from potluck.server.runtime import Runtime, threads_for
 from potluck.server.throughput import get_throughput
 from potluck.server.tuning import load_adapters
@@ -50,6 +51,7 @@ from potluck.wire import (
     PROTOCOL_FORWARD,
     PROTOCOL_INFERENCE,
     PROTOCOL_INFO,
+    PROTOCOL_PUSH,
 )
 from potluck.wire.tensors import InflightBudget
 
@@ -179,6 +181,14 @@ class Server:
                 adapters=self._adapters(span),
                 activations=ActivationCache(max_bytes=cfg.activation_bytes),
             )
+            self.state.push = PushHub(
+                self.node,
+                model_prefix=self.model_prefix,
+                num_blocks=self.num_model_blocks,
+                limits=self.state.limits,
+                step_timeout=cfg.step_timeout,
+                enabled=cfg.push,
+            )
             await runtime.run(0, lambda: _warm_up(span))
             model_key = f"{cfg.model}@{cfg.revision or 'main'}"
             self._throughput = await runtime.run(
@@ -200,6 +210,8 @@ class Server:
                 PROTOCOL_FORWARD: handlers.forward,
                 PROTOCOL_BACKWARD: handlers.backward,
             }
+            if cfg.push:  # without it, a server pushing to us fails at once and reports it: its client relays
+                routes[PROTOCOL_PUSH] = handlers.push
             for protocol, handler in routes.items():
                 await self.node.add_stream_handler(protocol, handler)
             maddrs = await self.node.visible_maddrs()
@@ -394,6 +406,11 @@ class Server:
     async def _announce_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.update_period)
+            if self.state is not None and self.state.push is not None and self.config.push:
+                try:  # RTTs to the servers after our span, for the next announcement (and clients' routing)
+                    await self.state.push.probe_next(self.state.span.start, self.state.span.end)
+                except Exception as e:
+                    logger.debug("RTT probes failed: %s", e)
             try:
                 await self._announce_current()
             except Exception as e:  # a flaky DHT must not kill the server; the next period retries
@@ -428,6 +445,7 @@ class Server:
             direct_addrs=self._direct_addrs,
             maddrs=self._maddrs,
             announced_at=SwarmNode.now(),
+            next_pings=self.state.push.rtts.best() if self.state is not None and self.state.push else {},
         )
         value = record_to_dht(record)
         # An offline record lives briefly: enough for clients and placement to notice, then it expires.

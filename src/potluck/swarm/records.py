@@ -110,8 +110,8 @@ class ServerRecord(BaseModel):
     # checkpoint fingerprint "config-hash.weights-hash" (models/fingerprint.py); None = not announced
     fingerprint: Annotated[str, Field(strict=True, pattern=r"^[0-9a-f]{1,64}\.[0-9a-f]{1,64}$")] | None = None
     next_pings: Annotated[dict[_PeerKey, _Rate], Field(max_length=MAX_NEXT_PINGS)] = {}
-    # ^ RTT in seconds from this server to peers holding the block right after its span (for server-to-server
-    #   push); unused by relay routing but announced so a future router can use it.
+    # ^ RTT in seconds from this server to peers holding the block right after its span, measured by the server
+    #   (push handshakes, info pings; server/push.py); push routing prices server-to-server legs with it
 
     @model_validator(mode="after")
     def _check_span(self) -> ServerRecord:

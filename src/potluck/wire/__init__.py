@@ -43,7 +43,9 @@ from potluck.wire.protocols import (
     PROTOCOL_FORWARD,
     PROTOCOL_INFERENCE,
     PROTOCOL_INFO,
+    PROTOCOL_PUSH,
 )
+from potluck.wire.push import PushAccepted, PushConfig, PushHello, PushTarget
 from potluck.wire.tensors import (
     DEFAULT_LIMITS,
     WIRE_DTYPES,
@@ -59,6 +61,11 @@ __all__ = [
     "PROTOCOL_FORWARD",
     "PROTOCOL_INFERENCE",
     "PROTOCOL_INFO",
+    "PROTOCOL_PUSH",
+    "PushAccepted",
+    "PushConfig",
+    "PushHello",
+    "PushTarget",
     "LoraInfo",
     "Tuning",
     "COMPRESSIONS",

@@ -104,6 +104,9 @@ class InferenceStep(Message):
     # left padding per row (prompts of different lengths): row b's first pads[b] positions are masked and
     # do not count for its rotary positions; None: no padding
     pads: list[int] | None = None
+    # push (wire/push.py): after the step, send the output to the next server the client configured (and a copy
+    # to the client); that server runs it as its own step with the same step_id, position, hypo_ids and pads
+    push: bool = False
 
 
 class InferenceStepResult(Message):
@@ -112,6 +115,9 @@ class InferenceStepResult(Message):
     position: int  # cache length after the step
     # time from receiving the step to sending this reply (queue + compute), for RTT estimates
     server_ms: float = 0.0
+    # a step sent with push=True whose output could not be pushed to the next server: why (the client then
+    # sends the output on itself); None when pushed, or when the step was not a push
+    push_error: Annotated[str, Field(max_length=512)] | None = None
 
 
 class CloseInference(Message):
