@@ -1,7 +1,7 @@
 """`potluck api` over a loopback swarm, driven by the official `openai` client: exact against transformers.
 
 One module-wide swarm: a bootstrap, two servers of a tiny Llama (with Prometheus metrics), `potluck api` in front
-of them, and a second `potluck api` whose model has blocks nobody serves.
+of them, a second `potluck api` whose model has blocks nobody serves, and a third with a speculative draft.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from tiny_tokenizer import checkpoint_with_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from potluck.cli.local_swarm import LocalSwarm
+from potluck.client.speculative import add_weight_noise
 
 pytestmark = pytest.mark.swarm
 
@@ -36,6 +37,9 @@ PARTIAL_PREFIX = "tiny-partial"  # a model whose blocks 3:8 nobody serves
 @pytest.fixture(scope="module")
 def env(tiny_model_dir: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     ckpt = checkpoint_with_tokenizer(tiny_model_dir(KIND), tmp_path_factory.mktemp("ckpt-tok"))
+    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    draft = tmp_path_factory.mktemp("draft")  # the model with noise: right about half the time
+    add_weight_noise(AutoModelForCausalLM.from_pretrained(ckpt), 0.1, seed=1).save_pretrained(draft)  # type: ignore[operator]
     with LocalSwarm(tmp_path_factory.mktemp("api-logs")) as swarm:
         peers = swarm.start_bootstrap()
         metrics = ["--metrics-port", "0"]
@@ -51,15 +55,19 @@ def env(tiny_model_dir: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         partial = swarm.start_process(
             "api-partial", [*api, "--model-prefix", PARTIAL_PREFIX, "--wait-for-servers", "1"], wait=False
         )
-        swarm.wait_ready([full, partial])
+        drafted = swarm.start_process(
+            "api-draft", [*api, "--api-key", KEY, "--draft", str(draft)], wait=False
+        )
+        swarm.wait_ready([full, partial, drafted])
         yield {
             "swarm": swarm,
             "ckpt": ckpt,
             "peers": peers,
             "url": str(full.info["url"]),
             "partial_url": str(partial.info["url"]),
+            "draft_url": str(drafted.info["url"]),
             "server_metrics": [f"http://127.0.0.1:{s.info['metrics_port']}/metrics" for s in servers[:2]],
-            "hf": AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval(),
+            "hf": hf,
             "tok": AutoTokenizer.from_pretrained(ckpt),
         }
 
@@ -159,6 +167,27 @@ def test_seeded_sampling_equals_transformers_sampling(env: dict[str, Any]) -> No
         model=env["ckpt"], prompt=PROMPT, max_tokens=16, temperature=0.8, top_p=0.9, seed=7
     )
     assert result.choices[0].text == text
+
+
+def test_draft_greedy_equals_plain_and_sampling_is_seeded(env: dict[str, Any]) -> None:
+    """`potluck api --draft`: greedy output is the plain output token for token (logprobs too); sampling with a
+    seed repeats; the metrics show the draft proposed tokens and the swarm kept some."""
+    ids = list(env["tok"](PROMPT).input_ids)
+    text, n, _ = _expected(env, ids, 24, do_sample=False)
+    plain, drafted = _client(env), _client(env, url=env["draft_url"])
+    greedy = dict(model=env["ckpt"], prompt=PROMPT, max_tokens=24, temperature=0, logprobs=1)
+    want, got = plain.completions.create(**greedy), drafted.completions.create(**greedy)  # type: ignore[call-overload]
+    assert got.choices[0].text == want.choices[0].text == text
+    assert got.usage is not None and got.usage.completion_tokens == n
+    lp_want, lp_got = want.choices[0].logprobs, got.choices[0].logprobs
+    assert lp_want is not None and lp_got is not None and lp_got.token_logprobs is not None
+    assert lp_got.token_logprobs == pytest.approx(lp_want.token_logprobs, abs=1e-4)
+    sampled = dict(model=env["ckpt"], prompt=PROMPT, max_tokens=16, temperature=0.8, top_p=0.9, seed=7)
+    first, again = (drafted.completions.create(**sampled).choices[0].text for _ in range(2))  # type: ignore[call-overload]
+    assert first == again
+    metrics = env["draft_url"] + "/metrics"
+    assert _metric(metrics, "potluck_api_draft_accepted") > 0
+    assert _metric(metrics, "potluck_api_draft_proposed") > _metric(metrics, "potluck_api_draft_accepted")
 
 
 def test_eight_concurrent_streams(env: dict[str, Any]) -> None:

@@ -19,6 +19,7 @@ from potluck.client.speculative import (
     SpanRunner,
     SpeculationStats,
     add_weight_noise,
+    int8_draft,
     speculative_generate,
     verify_greedy,
     verify_sampled,
@@ -101,6 +102,23 @@ def test_draft_length_follows_acceptance_and_cost() -> None:
     assert c.k == 1 and c.acceptance < 0.2
 
 
+def test_draft_length_pays_for_checking_each_position() -> None:
+    """On CPU a round of k proposals costs T + k v: the controller fits T and v and proposes fewer."""
+    flat, sloped = DraftLengthController(4, 8), DraftLengthController(4, 8)
+    for i in range(32):
+        proposed = 2 + i % 7
+        kept = proposed if i % 3 else proposed // 2  # mostly right: k would grow
+        flat.update(proposed, kept, draft_seconds=0.005 * proposed, target_seconds=0.2)
+        sloped.update(proposed, kept, draft_seconds=0.005 * proposed, target_seconds=0.2 + 0.05 * proposed)
+    base, per_position = sloped.round_cost()
+    assert base == pytest.approx(0.2) and per_position == pytest.approx(0.05)
+    assert flat.round_cost() == (pytest.approx(0.2), 0.0)
+    assert sloped.k < flat.k
+    # a round that also carried the prompt does not enter the cost model
+    sloped.update(4, 4, draft_seconds=0.02, target_seconds=30.0, timed=False)
+    assert sloped.round_cost()[0] == pytest.approx(0.2)
+
+
 # --- the loop on a local target ----------------------------------------------------------------------------
 
 
@@ -165,6 +183,23 @@ def test_local_greedy_equals_plain_greedy(tiny_vocab_model: LocalCausalLM) -> No
     assert torch.equal(same, expected) and torch.equal(half, expected)
     assert same_stats.acceptance_rate == 1.0 and same_stats.rounds == 8  # ceil(30 / 4)
     assert 0 < half_stats.accepted < half_stats.drafted
+
+
+def test_int8_draft_is_close_and_greedy_stays_exact(tiny_vocab_model: LocalCausalLM) -> None:
+    """The int8 self-draft (blocks + LM head) proposes; the output is still the fp32 target's, token for token;
+    the draft computes logits only where asked (one position per proposal, none for the prompt's others)."""
+    prompt = torch.tensor([[1, 5, 2, 7]])
+    params = GenerationParams(max_new_tokens=20)
+    draft = int8_draft(copy.deepcopy(tiny_vocab_model))
+    full = draft.runner(64).run(prompt, 0)  # [1, 4, V]
+    last = draft.runner(64).run(prompt, 0, num_logits=1)  # [1, 1, V]
+    # (activations are quantised with one scale per call, so the rows of a longer call differ slightly)
+    assert last.shape == (1, 1, 8) and torch.allclose(last[0, 0], full[0, -1], atol=0.1)
+    exact = SpanRunner(tiny_vocab_model.client, tiny_vocab_model.span, 64).run(prompt, 0)
+    assert torch.allclose(full, exact, atol=0.5) and not torch.equal(full, exact)  # int8: close, not equal
+    out, stats = _speculative(tiny_vocab_model, draft, prompt, params)
+    assert torch.equal(out, _plain(tiny_vocab_model, prompt, params))
+    assert stats.accepted > 0 and stats.draft_ms_per_token > 0 and stats.round_ms > 0
 
 
 def _joint_of_two(model: LocalCausalLM, prompt: torch.Tensor, vocab: int) -> dict[tuple[int, int], float]:

@@ -49,8 +49,9 @@ class _ShiftedRunner:
     def length(self) -> int:
         return self.inner.length
 
-    def run(self, ids: torch.Tensor, position: int) -> torch.Tensor:
-        return torch.roll(self.inner.run(ids, position), shifts=1, dims=-1)  # argmax -> argmax + 1
+    def run(self, ids: torch.Tensor, position: int, num_logits: int | None = None) -> torch.Tensor:
+        logits = self.inner.run(ids, position, num_logits)
+        return torch.roll(logits, shifts=1, dims=-1)  # argmax -> argmax + 1
 
     def rollback(self, length: int) -> None:
         self.inner.rollback(length)

@@ -77,6 +77,8 @@ def create_app(
     metrics = ApiMetrics()
     if engine is not None:
         metrics.bind_active(lambda: engine.active)
+        if engine.speculation is not None:
+            metrics.bind_speculation(engine.speculation.stats)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

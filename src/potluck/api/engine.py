@@ -4,11 +4,16 @@ The client library is synchronous (each swarm step blocks on the client's networ
 a thread from a bounded pool and its own ``torch.Generator``; tokens travel back to the ASGI loop through an
 ``asyncio.Queue``. A request whose consumer goes away (client hung up) sets its cancel flag: the worker stops
 before its next step and leaving ``inference_session`` closes the session on every server, freeing their caches.
+
+With a draft (``potluck api --draft``) every request decodes speculatively: greedy requests give exactly the
+plain output, sampled ones keep the model's distribution (``client/speculative.py``); each request gets its own
+draft cache, the draft's weights are shared.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 import threading
@@ -21,6 +26,7 @@ import torch
 
 from potluck.client.generation import GenerationParams, generate_tokens
 from potluck.client.model import DistributedModelForCausalLM
+from potluck.client.speculative import Speculation
 
 logger = logging.getLogger(__name__)
 
@@ -130,12 +136,14 @@ class Engine:
         max_concurrency: int = 16,
         chat_template: str | None = None,
         context_length: int | None = None,
+        speculation: Speculation | None = None,
     ):
         if model.tokenizer is None:
             raise ValueError(
                 f"{model.name_or_path} has no tokenizer: the API needs one to read and write text"
             )
         self.model = model
+        self.speculation = speculation  # a draft proposes tokens the swarm checks in one step (None: plain)
         self.tokenizer = model.tokenizer
         self.chat_template = chat_template
         self.context_length = int(
@@ -265,7 +273,18 @@ class Engine:
 
             streamer = _Streamer(self, run, tracker)
             try:
-                generate_tokens(step, input_ids, params, streamer=streamer, generator=generator)
+                if self.speculation is not None:
+                    speculation = self.speculation
+                    if params.do_sample and req.seed is not None:
+                        # k adapts to measured timings, and each k consumes the generator differently: a
+                        # fixed k keeps the promise that a seed repeats its text
+                        speculation = dataclasses.replace(speculation, schedule="constant")
+                    speculation.generate(
+                        model, session, input_ids, params, streamer=streamer, tokenizer=self.tokenizer,
+                        generator=generator, on_logits=lambda logits: setattr(run, "last_logits", logits),
+                    )  # fmt: skip
+                else:
+                    generate_tokens(step, input_ids, params, streamer=streamer, generator=generator)
             except _StopSequence:
                 finish = "stop"
             else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -36,6 +37,15 @@ class ApiMetrics:
 
     def bind_active(self, read: Callable[[], float]) -> None:
         self.active.set_function(read)
+
+    def bind_speculation(self, stats: Any) -> None:
+        """``--draft``: the draft's work so far (a ``SpeculationStats`` every request adds to)."""
+        for name, doc, read in (
+            ("potluck_api_draft_rounds", "Speculative round trips through the swarm", lambda: stats.rounds),
+            ("potluck_api_draft_proposed", "Tokens the draft proposed", lambda: stats.drafted),
+            ("potluck_api_draft_accepted", "Proposed tokens the model kept", lambda: stats.accepted),
+        ):
+            Gauge(name, doc, registry=self.registry).set_function(read)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

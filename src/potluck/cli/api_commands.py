@@ -49,6 +49,9 @@ def add_parsers(sub: Any, add_network: Callable[..., None]) -> None:
     )
     _client_args(p)
     _swarm_key_arg(p)
+    from potluck.cli.main import add_draft_arguments  # --draft, --num-assistant-tokens (speculative decoding)
+
+    add_draft_arguments(p)
 
     p = sub.add_parser("chat", help="chat with a model served by the swarm in the terminal")
     p.add_argument("model", help="HF hub name or local checkpoint directory (client parts and tokenizer)")
@@ -136,8 +139,16 @@ def api(args: argparse.Namespace) -> int:
 
     model = _load_model(args, wait_for_servers=args.wait_for_servers)
     try:
+        speculation = None
+        if args.draft:  # loaded once; every request then decodes speculatively
+            from potluck.client.speculative import Speculation, load_draft
+
+            speculation = Speculation(load_draft(args.draft), args.num_assistant_tokens)
         engine = Engine(
-            model, max_concurrency=args.max_concurrency, chat_template=_read_template(args.chat_template)
+            model,
+            max_concurrency=args.max_concurrency,
+            chat_template=_read_template(args.chat_template),
+            speculation=speculation,
         )
         watch = SwarmWatch(
             model.view.node, model.loop, models={model.view.model_prefix: model.view.num_blocks}

@@ -22,160 +22,46 @@ Batch size 1 only (rows would accept different numbers of tokens), as in transfo
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
+from potluck.client.drafts import (  # re-exported: drafts were defined here first
+    CachedLM,
+    DraftModel,
+    HFDraft,
+    HFRunner,
+    Int8Head,
+    LocalDraft,
+    SpanRunner,
+    add_weight_noise,
+    int8_draft,
+    load_draft,
+)
 from potluck.client.generation import GenerationParams, build_logits_processors, build_stopping_criteria
-from potluck.models.client_parts import ClientParts
-from potluck.models.kv_cache import KVCache
-from potluck.models.local import LocalCausalLM
-from potluck.models.span import BlockSpan
+
+__all__ = [
+    "CachedLM",
+    "DraftModel",
+    "HFDraft",
+    "HFRunner",
+    "Int8Head",
+    "LocalDraft",
+    "SpanRunner",
+    "add_weight_noise",
+    "int8_draft",
+    "load_draft",
+]
 
 if TYPE_CHECKING:
     from potluck.client.model import DistributedModelForCausalLM, InferenceSession
 
 SCHEDULES = ("heuristic", "constant")  # transformers' names: adapt k, or keep num_assistant_tokens
-
-
-class CachedLM(Protocol):
-    """A causal LM with a KV cache that can be rolled back: the draft, and the target as seen by the loop."""
-
-    @property
-    def length(self) -> int:
-        """Tokens whose keys/values the cache holds."""
-        ...
-
-    def run(self, ids: torch.Tensor, position: int) -> torch.Tensor:
-        """Feed ``ids [1, T]`` at ``position`` (<= length; later tokens are forgotten); logits ``[1, T, V]``."""
-        ...
-
-    def rollback(self, length: int) -> None:
-        """Forget tokens at positions >= ``length``."""
-        ...
-
-
-class DraftModel(Protocol):
-    """Anything that gives a fresh :class:`CachedLM` for one generation."""
-
-    def runner(self, max_length: int) -> CachedLM: ...
-
-
-# --- drafts ------------------------------------------------------------------------------------------------
-
-
-class SpanRunner:
-    """Client parts + a block span (all of a model's blocks, or only its first ones) over our KV cache."""
-
-    def __init__(self, client: ClientParts, span: BlockSpan, max_length: int) -> None:
-        self.client, self.span = client, span
-        self.cache: KVCache = span.new_cache(1, max_length)
-
-    @property
-    def length(self) -> int:
-        return self.cache.length
-
-    @torch.inference_mode()
-    def run(self, ids: torch.Tensor, position: int) -> torch.Tensor:
-        self.cache.rollback(position)
-        ids = ids.to(self.client.embed_tokens.weight.device)
-        hidden = self.span(self.client.pre_blocks(self.client.embed(ids)), cache=self.cache)  # [1, T, H]
-        return self.client.head(hidden)  # [1, T, V]
-
-    def rollback(self, length: int) -> None:
-        self.cache.rollback(min(length, self.cache.length))
-
-
-class LocalDraft:
-    """A :class:`LocalCausalLM` as draft; ``num_blocks`` keeps only its first blocks (a cheaper, layer-skip draft)."""
-
-    def __init__(self, model: LocalCausalLM, num_blocks: int | None = None) -> None:
-        self.model = model
-        n = model.span.num_blocks if num_blocks is None else num_blocks
-        self.span = model.span if n == model.span.num_blocks else model.span.slice(0, n)
-
-    def runner(self, max_length: int) -> CachedLM:
-        return SpanRunner(self.model.client, self.span, max_length)
-
-
-class HFRunner:
-    """A transformers causal LM over a ``DynamicCache`` (``crop`` rolls it back)."""
-
-    def __init__(self, model: Any) -> None:
-        from transformers import DynamicCache
-
-        self.model = model
-        self.cache = DynamicCache()
-
-    @property
-    def length(self) -> int:
-        return int(self.cache.get_seq_length())
-
-    @torch.inference_mode()
-    def run(self, ids: torch.Tensor, position: int) -> torch.Tensor:
-        self.rollback(position)
-        out = self.model(input_ids=ids.to(self.model.device), past_key_values=self.cache, use_cache=True)
-        return cast(torch.Tensor, out.logits)  # [1, T, V]
-
-    def rollback(self, length: int) -> None:
-        if length < self.length:
-            self.cache.crop(length)
-
-
-class HFDraft:
-    """A transformers ``PreTrainedModel`` (any architecture transformers runs) as draft."""
-
-    def __init__(self, model: Any) -> None:
-        self.model = model.eval()
-
-    def runner(self, max_length: int) -> CachedLM:
-        return HFRunner(self.model)
-
-
-def load_draft(
-    draft: Any, *, num_blocks: int | None = None, dtype: torch.dtype = torch.float32
-) -> DraftModel:
-    """A draft from a checkpoint path / hub name, a :class:`LocalCausalLM`, a transformers model or a draft.
-
-    Checkpoints of the families our block code supports load as :class:`LocalCausalLM` (safetensors, like the
-    client parts); others load with transformers. This is what ``potluck generate --draft`` (and the chat / API
-    commands) call once, before passing the result as ``assistant_model=`` to ``generate``.
-    """
-    if isinstance(draft, LocalDraft | HFDraft):
-        return draft
-    if isinstance(draft, LocalCausalLM):
-        return LocalDraft(draft, num_blocks)
-    if isinstance(draft, str):
-        from potluck.models.spec import UnsupportedModelError
-
-        try:
-            return LocalDraft(LocalCausalLM.from_pretrained(draft, dtype=dtype), num_blocks)
-        except UnsupportedModelError:
-            from transformers import AutoModelForCausalLM
-
-            return HFDraft(AutoModelForCausalLM.from_pretrained(draft, dtype=dtype))
-    if hasattr(draft, "runner"):
-        return cast(DraftModel, draft)
-    if hasattr(draft, "generation_config") and callable(draft):  # a transformers PreTrainedModel
-        return HFDraft(draft)
-    raise TypeError(f"cannot use {type(draft).__name__} as a draft model")
-
-
-@torch.no_grad()
-def add_weight_noise(model: torch.nn.Module, relative_std: float, seed: int = 0) -> torch.nn.Module:
-    """Add Gaussian noise of ``relative_std`` times each weight tensor's own std, in place (seeded).
-
-    Makes drafts of a chosen quality from the target itself, for tests and ``bench inference --draft-noise``.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    for param in model.parameters():
-        if param.numel() > 1 and param.is_floating_point():
-            noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
-            param.add_((noise * float(param.float().std()) * relative_std).to(param.dtype))
-    return model
 
 
 # --- the swarm as a target ---------------------------------------------------------------------------------
@@ -191,7 +77,7 @@ class RemoteTarget:
     def length(self) -> int:
         return self.session.position
 
-    def run(self, ids: torch.Tensor, position: int) -> torch.Tensor:
+    def run(self, ids: torch.Tensor, position: int, num_logits: int | None = None) -> torch.Tensor:
         client, prompts = self.model.client, self.model.prompts
         embeds = client.embed(ids)  # [1, T, H]
         remote_position = position + self.session.prefix_length
@@ -199,7 +85,7 @@ class RemoteTarget:
             remote_position = 0  # the soft prompt opens the sequence (again, if we rolled back to 0)
             embeds = torch.cat([prompts.prefix(1).to(embeds.dtype), embeds], dim=1)
         hidden = self.session.step(client.pre_blocks(embeds), position=remote_position)  # [1, P?+T, H]
-        return client.head(hidden[:, -ids.shape[1] :])  # [1, T, V]
+        return client.head(hidden[:, -(num_logits or ids.shape[1]) :])  # [1, n, V]
 
     def rollback(self, length: int) -> None:
         self.session.rollback(min(length, self.length))
@@ -242,8 +128,10 @@ class DraftLengthController:
 
     Per-token acceptance ``a`` is estimated from decayed counts (kept tokens / (kept + first rejections), the
     maximum-likelihood estimate when later proposals of a round are never observed). A round of ``k`` proposals
-    yields ``(1 - a^(k+1)) / (1 - a)`` tokens on average and costs about ``T + k * t`` (``T``: the target's round
-    trip, ``t``: one draft token, both measured); ``k`` maximises tokens per second within ``[1, maximum]``.
+    yields ``(1 - a^(k+1)) / (1 - a)`` tokens on average and costs about ``T + k * (v + t)`` (``T``: the target's
+    round trip, ``v``: what checking one more position adds to it, ``t``: one draft token, all measured);
+    ``k`` maximises tokens per second within ``[1, maximum]``. ``v`` matters on CPU, where every position is one
+    more row through every block's matmuls on every server and through the client's LM head.
     """
 
     def __init__(self, initial: int, maximum: int, adaptive: bool = True, decay: float = 0.9) -> None:
@@ -251,32 +139,55 @@ class DraftLengthController:
             raise ValueError(f"need 1 <= num_assistant_tokens ({initial}) <= max ({maximum})")
         self.k, self.maximum, self.adaptive, self.decay = initial, maximum, adaptive, decay
         self._kept, self._trials = 1.0, 2.0  # a weak prior at 50%
-        self._round_s: float | None = None  # EMA of the target's round-trip seconds
+        self._rounds: deque[tuple[int, float]] = deque(maxlen=32)  # (proposals, target seconds) lately
         self._draft_token_s: float | None = None  # EMA of seconds per draft token
 
     @property
     def acceptance(self) -> float:
         return self._kept / self._trials
 
-    def update(self, proposed: int, kept: int, draft_seconds: float, target_seconds: float) -> None:
+    def update(
+        self, proposed: int, kept: int, draft_seconds: float, target_seconds: float, timed: bool = True
+    ) -> None:
+        """Count a round; ``timed=False`` keeps its seconds out of the cost model (a round that also sent
+        the prompt)."""
         if proposed <= 0:
             return
         rejected = 1.0 if kept < proposed else 0.0
         self._kept = self.decay * self._kept + kept
         self._trials = self.decay * self._trials + kept + rejected
-        ema = lambda old, new: new if old is None else 0.7 * old + 0.3 * new  # noqa: E731
-        self._round_s = ema(self._round_s, target_seconds)
-        self._draft_token_s = ema(self._draft_token_s, draft_seconds / proposed)
-        if self.adaptive:
+        if timed:
+            self._rounds.append((proposed, target_seconds))
+            token_s = draft_seconds / proposed
+            self._draft_token_s = (
+                token_s if self._draft_token_s is None else 0.7 * self._draft_token_s + 0.3 * token_s
+            )
+        if self.adaptive and self._rounds and self._draft_token_s is not None:
+            base, per_position = self.round_cost()
             self.k = self.best_k(
-                self.acceptance, self._draft_token_s / max(self._round_s, 1e-9), self.maximum
+                self.acceptance, self._draft_token_s / base, self.maximum, per_position / base
             )
 
+    def round_cost(self) -> tuple[float, float]:
+        """(``T``, ``v``): a least-squares line through recent rounds' (proposals, seconds); ``v >= 0``, and
+        ``v = 0`` until rounds of different lengths were seen."""
+        ks = [float(k) for k, _ in self._rounds]
+        ts = [t for _, t in self._rounds]
+        mean_k, mean_t = sum(ks) / len(ks), sum(ts) / len(ts)
+        spread = sum((k - mean_k) ** 2 for k in ks)
+        slope = (
+            sum((k - mean_k) * (t - mean_t) for k, t in zip(ks, ts, strict=True)) / spread if spread else 0.0
+        )
+        slope = max(slope, 0.0)
+        return max(mean_t - slope * mean_k, 0.25 * mean_t, 1e-6), slope
+
     @staticmethod
-    def best_k(acceptance: float, draft_cost: float, maximum: int) -> int:
-        """argmax over k of expected tokens per round / (1 + k * draft_cost); draft_cost = t / T."""
+    def best_k(acceptance: float, draft_cost: float, maximum: int, verify_cost: float = 0.0) -> int:
+        """argmax over k of expected tokens per round / (1 + k * (draft_cost + verify_cost)), the costs
+        relative to a round trip: draft_cost = t / T, verify_cost = v / T."""
         a = min(max(acceptance, 0.0), 1.0 - 1e-6)
-        rate = lambda k: (1 - a ** (k + 1)) / (1 - a) / (1 + k * draft_cost)  # noqa: E731
+        per_k = draft_cost + verify_cost
+        rate = lambda k: (1 - a ** (k + 1)) / (1 - a) / (1 + k * per_k)  # noqa: E731
         return max(range(1, maximum + 1), key=lambda k: (rate(k), -k))
 
 
@@ -291,6 +202,8 @@ class SpeculationStats:
     first_rejections: int = 0  # rounds that ended at a rejected proposal
     draft_seconds: float = 0.0
     target_seconds: float = 0.0
+    prefill_rounds: int = 0  # rounds that also sent the prompt (their seconds are in target_seconds too)
+    prefill_seconds: float = 0.0
 
     @property
     def acceptance_rate(self) -> float:
@@ -307,6 +220,17 @@ class SpeculationStats:
     def tokens_per_round(self) -> float:
         return self.new_tokens / self.rounds if self.rounds else 0.0
 
+    @property
+    def draft_ms_per_token(self) -> float:
+        """What one proposal cost the client."""
+        return 1000 * self.draft_seconds / self.drafted if self.drafted else 0.0
+
+    @property
+    def round_ms(self) -> float:
+        """A target step of the proposals + one, prompts excluded: the round trip plus checking the proposals."""
+        rounds = self.rounds - self.prefill_rounds
+        return 1000 * (self.target_seconds - self.prefill_seconds) / rounds if rounds else 0.0
+
     def as_dict(self) -> dict[str, float]:
         return {
             "rounds": self.rounds,
@@ -318,6 +242,9 @@ class SpeculationStats:
             "tokens_per_round": round(self.tokens_per_round, 4),
             "draft_seconds": round(self.draft_seconds, 4),
             "target_seconds": round(self.target_seconds, 4),
+            "prefill_seconds": round(self.prefill_seconds, 4),
+            "draft_ms_per_token": round(self.draft_ms_per_token, 2),
+            "round_ms": round(self.round_ms, 2),
         }
 
 
@@ -334,16 +261,29 @@ def _fit_vocab(logits: torch.Tensor, vocab: int) -> torch.Tensor:
     return torch.cat([logits, pad], dim=-1)
 
 
+_threads_lock = threading.Lock()
+_one_thread_users = 0  # generations inside _one_thread now (the API runs several at once)
+_saved_threads = 0
+
+
 @contextlib.contextmanager
 def _one_thread() -> Iterator[None]:
     """One-token draft steps are latency- and memory-bound: like the servers' decode steps, they run on one
-    thread, so OpenMP workers waiting on cores that other processes hold cannot stall them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    thread, so OpenMP workers waiting on cores that other processes hold cannot stall them. The thread count
+    is process-wide: the first of overlapping users saves it and the last one restores it."""
+    global _one_thread_users, _saved_threads
+    with _threads_lock:
+        if _one_thread_users == 0:
+            _saved_threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _one_thread_users += 1
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        with _threads_lock:
+            _one_thread_users -= 1
+            if _one_thread_users == 0:
+                torch.set_num_threads(_saved_threads)
 
 
 @torch.no_grad()
@@ -358,12 +298,16 @@ def speculative_generate(
     streamer: Any = None,
     tokenizer: Any = None,
     stats: SpeculationStats | None = None,
+    generator: torch.Generator | None = None,
+    on_logits: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Generate like :func:`potluck.client.generation.generate_tokens`, several tokens per target step.
 
     ``target`` may already hold a prefix of ``input_ids`` (an inference session continuing); ``draft`` starts
     empty or holds a prefix too. On return the target holds every token but the last, as after plain generation.
-    Draft tokens outside the target's ``vocab_size`` are never proposed.
+    Draft tokens outside the target's ``vocab_size`` are never proposed. Sampling draws from ``generator``
+    (default: torch's global RNG). ``on_logits`` gets the target's raw logits ``[V]`` of each new token just
+    before the streamer does (the API's logprobs).
     """
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"speculative decoding needs one sequence [1, T], got {tuple(input_ids.shape)}")
@@ -393,12 +337,12 @@ def speculative_generate(
         extended = sequence
         if k > 0:
             start = min(draft.length, length - 1)
-            logits = draft.run(sequence[:, start:], start)[0, -1]  # [V_draft]
+            logits = draft.run(sequence[:, start:], start, num_logits=1)[0, -1]  # [V_draft]
             for i in range(k):
                 scores = scores_after(extended, _fit_vocab(logits, vocab_size))  # [V]
                 if params.do_sample:
                     probs = torch.softmax(scores, dim=-1)  # [V]
-                    token = int(torch.multinomial(probs, 1))
+                    token = int(torch.multinomial(probs, 1, generator=generator))
                     draft_probs.append(probs)
                 else:
                     token = int(scores.argmax())
@@ -407,12 +351,12 @@ def speculative_generate(
                 if token in eos_ids or i == k - 1:
                     break
                 with _one_thread():
-                    logits = draft.run(extended[:, -1:], extended.shape[1] - 1)[0, -1]
+                    logits = draft.run(extended[:, -1:], extended.shape[1] - 1, num_logits=1)[0, -1]
         draft_seconds = time.perf_counter() - t0
         # 2. the target checks the last known token + the proposals in one step
         t0 = time.perf_counter()
         feed = extended[:, target_length:]
-        target_logits = target.run(feed, target_length)[0, -(len(drafts) + 1) :]  # [k+1, V]
+        target_logits = target.run(feed, target_length, num_logits=len(drafts) + 1)[0]  # [k+1, V]
         target_seconds = time.perf_counter() - t0
         target_scores = torch.stack(
             [scores_after(extended[:, : length + i], target_logits[i]) for i in range(len(drafts) + 1)]
@@ -420,24 +364,29 @@ def speculative_generate(
         if params.do_sample:
             p = torch.softmax(target_scores, dim=-1)  # [k+1, V]
             q = torch.stack(draft_probs) if drafts else p[:0]  # [k, V]
-            kept, next_token = verify_sampled(p, q, drafts)
+            kept, next_token = verify_sampled(p, q, drafts, generator)
         else:
             kept, next_token = verify_greedy(target_scores, drafts)
         # 3. keep the agreed prefix; both caches forget the rest
         target_length = length + kept
         target.rollback(target_length)
         draft.rollback(target_length)
-        controller.update(len(drafts), kept, draft_seconds, target_seconds)
+        prefill = feed.shape[1] > len(drafts) + 2  # this round also carried the prompt: not a round's cost
+        controller.update(len(drafts), kept, draft_seconds, target_seconds, timed=not prefill)
+        stats.prefill_rounds += int(prefill)
+        stats.prefill_seconds += target_seconds if prefill else 0.0
         stats.rounds += 1
         stats.drafted += len(drafts)
         stats.accepted += kept
         stats.first_rejections += int(kept < len(drafts))
         stats.draft_seconds += draft_seconds
         stats.target_seconds += target_seconds
-        for token in [*drafts[:kept], next_token]:
+        for i, token in enumerate([*drafts[:kept], next_token]):
             sequence = torch.cat([sequence, torch.tensor([[token]])], dim=1)
             produced += 1
             stats.new_tokens += 1
+            if on_logits is not None:
+                on_logits(target_logits[i])
             if streamer is not None:
                 streamer.put(torch.tensor([token]))
             if len(stopping) > 0 and bool(stopping(cast(torch.LongTensor, sequence), None).all()):
@@ -478,6 +427,8 @@ class Speculation:
         params: GenerationParams,
         streamer: Any = None,
         tokenizer: Any = None,
+        generator: torch.Generator | None = None,
+        on_logits: Callable[[torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
         controller = self.controller()
         total = input_ids.shape[1] + params.num_new_tokens(input_ids.shape[1])
@@ -491,4 +442,6 @@ class Speculation:
             streamer=streamer,
             tokenizer=tokenizer,
             stats=self.stats,
+            generator=generator,
+            on_logits=on_logits,
         )
