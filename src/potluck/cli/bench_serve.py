@@ -8,13 +8,18 @@ session). Each session generates greedily; we time every decode step (embeddings
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
+import os
+import socket
 import statistics
 import tempfile
 import threading
 import time
+import urllib.request
 from typing import Any
 
+import psutil
 import torch
 
 from potluck.cli.bench import _even_spans, _ms
@@ -93,6 +98,61 @@ def _summary(spans: list[tuple[float, float]], steps: list[list[float]], new_tok
     }
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class _Usage:
+    """CPU time of this process and every process it started (servers, p2pd daemons, client workers), and the
+    servers' batch sizes (from their metrics pages), over a phase of the benchmark.
+
+    This machine runs the clients and all servers on the same cores; ``cpu_busy`` near 1.0 means the phase was
+    limited by the cores, not by waiting."""
+
+    def __init__(self, metrics_ports: list[int]):
+        self.ports = metrics_ports
+        self.result: dict[str, Any] = {}
+
+    def __enter__(self) -> _Usage:
+        self.cpu0, self.batches0, self.t0 = _tree_cpu_seconds(), self._batches(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall = time.perf_counter() - self.t0
+        cpu = _tree_cpu_seconds() - self.cpu0
+        count, total = (b - a for a, b in zip(self.batches0, self._batches(), strict=True))
+        self.result = {
+            "cpu_busy": round(cpu / (wall * (os.cpu_count() or 1)), 3),  # fraction of all cores' time in use
+            "server_batches": int(count),
+            "sessions_per_server_batch": round(total / count, 2) if count else None,
+        }
+
+    def _batches(self) -> tuple[float, float]:
+        """(batches, sessions in them) summed over the servers, from potluck_server_batch_sessions."""
+        count = total = 0.0
+        for port in self.ports:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:
+                for line in page.read().decode().splitlines():
+                    if line.startswith("potluck_server_batch_sessions_count"):
+                        count += float(line.split()[-1])
+                    elif line.startswith("potluck_server_batch_sessions_sum"):
+                        total += float(line.split()[-1])
+        return count, total
+
+
+def _tree_cpu_seconds() -> float:
+    me = psutil.Process()
+    total = 0.0
+    for proc in [me, *me.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            times = proc.cpu_times()
+            # children_*: descendants that already exited and were reaped (e.g. --processes client workers)
+            total += times.user + times.system + times.children_user + times.children_system
+    return total
+
+
 def bench_serve(args: argparse.Namespace) -> dict[str, Any]:
     from potluck import AutoDistributedModelForCausalLM
     from potluck.cli.sample_models import bench_model_path
@@ -102,10 +162,14 @@ def bench_serve(args: argparse.Namespace) -> dict[str, Any]:
     config = load_config(model_path)
     spans = _even_spans(int(config.num_hidden_layers), args.servers)
     prompts = _prompts(int(config.vocab_size), args.clients, args.prompt_tokens)
+    ports = [_free_port() for _ in spans]
     with tempfile.TemporaryDirectory(prefix="potluck-bench-") as logs, LocalSwarm(logs) as swarm:
         swarm.start_bootstrap()
         procs = [
-            swarm.start_server(model_path, s, wait=False, extra_args=["--throughput", "100"]) for s in spans
+            swarm.start_server(
+                model_path, s, wait=False, extra_args=["--throughput", "100", "--metrics-port", str(port)]
+            )
+            for s, port in zip(spans, ports, strict=True)
         ]
         swarm.wait_ready(procs)
         model = AutoDistributedModelForCausalLM.from_pretrained(
@@ -114,12 +178,15 @@ def bench_serve(args: argparse.Namespace) -> dict[str, Any]:
         try:
             _session_run(model, prompts[0][:, :8], 4)  # warm-up: routes, connections
             _SERVER_TIMES.clear()
-            start, end, lone_steps = _session_run(model, prompts[0], args.new_tokens)
-            single = _summary([(start, end)], [lone_steps], args.new_tokens)
-            if args.processes:
-                many = _many_processes(model_path, swarm.initial_peers, prompts[1:], args.new_tokens)
-            else:
-                many = _many_threads(model, prompts[1:], args.new_tokens)
+            with _Usage(ports) as usage:
+                start, end, lone_steps = _session_run(model, prompts[0], args.new_tokens)
+            single = {**_summary([(start, end)], [lone_steps], args.new_tokens), **usage.result}
+            with _Usage(ports) as usage:
+                if args.processes:
+                    many = _many_processes(model_path, swarm.initial_peers, prompts[1:], args.new_tokens)
+                else:
+                    many = _many_threads(model, prompts[1:], args.new_tokens)
+            many.update(usage.result)
         finally:
             model.shutdown()
     return {

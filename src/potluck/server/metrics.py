@@ -27,6 +27,12 @@ STEP_BATCH_SIZE = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64, 128),
     registry=REGISTRY,
 )
+BATCH_SESSIONS = Histogram(
+    "potluck_server_batch_sessions",
+    "Sessions per batched forward the scheduler ran (continuous batching: >1 means steps were shared)",
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64),
+    registry=REGISTRY,
+)
 TOKENS = Counter(
     "potluck_server_tokens", "batch*tokens run through this server's blocks", ["kind"], registry=REGISTRY
 )
@@ -50,6 +56,11 @@ def count_step(batch: int, tokens: int) -> None:
     INFERENCE_STEPS.inc()
     STEP_BATCH_SIZE.observe(batch)
     TOKENS.labels("inference").inc(batch * tokens)
+
+
+def count_batch(sessions: int) -> None:
+    """The scheduler ran one forward shared by ``sessions`` sessions' steps."""
+    BATCH_SESSIONS.observe(sessions)
 
 
 def count_request(rpc: str, batch_tokens: int = 0) -> None:

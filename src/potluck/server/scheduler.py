@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from potluck.server import metrics
 from potluck.server.runtime import PRIORITY_INFERENCE, threads_for
 from potluck.server.sessions import Session, SessionClosedError
 
@@ -233,6 +234,7 @@ class StepScheduler:
             self.batches += 1
             self.batched_rows += sum(s.request.rows for s in slots)
             self.max_batch_sessions = max(self.max_batch_sessions, len(slots))
+            metrics.count_batch(len(slots))
             return [
                 out.to(device="cpu", dtype=slot.request.hidden.dtype)
                 for out, slot in zip(outs, slots, strict=True)
