@@ -464,11 +464,6 @@ class Handlers:
         metrics.count_request("backward", hidden.shape[0] * hidden.shape[1])
         await _send(writer, BackwardResult(), grads, msg.output_compression)
 
-        # from the kept graphs, or recomputed when none match; in pieces like the forward
-        grads = await self.s.chunked.backward(
-            PRIORITY_BACKWARD, span, hidden, grad_out, tuning, msg.activation_id
-        )
-
     def _tuning(
         self, span: BlockSpan, tuning: Tuning, tensors: list[torch.Tensor], *, batch: int, tokens: int
     ) -> TuningInputs:
