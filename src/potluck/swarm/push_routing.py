@@ -29,7 +29,6 @@ from potluck.swarm.routing import (
     _ns,
     _rtt,
     _usable_spans,
-    find_inference_route,
 )
 
 # (cost ns, hops, peer ids along the route): compared as a tuple, so ties break deterministically
@@ -107,15 +106,4 @@ def find_push_route(
         ((cost + _ns(_rtt(cands[i][0], rtts, costs) / 2), hops, peers), route)
         for i, ((cost, hops, peers), route) in best[end].items()
     ]
-    if not finals:  # some block has no usable server: relay routing raises the one MissingBlocksError for it
-        return find_inference_route(
-            snapshot,
-            start,
-            end,
-            rtts=rtts,
-            batch_tokens=batch_tokens,
-            banned=banned,
-            costs=costs,
-            needs=needs,
-        )
     return list(min(finals)[1])
