@@ -221,18 +221,10 @@ class SwarmView:
         while True:
             banned = self.excluded() | set(skip)
             try:
-                if inference and self.config.push:  # server-to-server legs priced by servers' announced RTTs
-                    hops = find_push_route(
-                        self.routing_snapshot(),
-                        start,
-                        end,
-                        rtts=self.rtts,
-                        batch_tokens=batch_tokens,
-                        banned=banned,
-                        needs=needs,
-                    )
-                elif inference:
-                    hops = find_inference_route(
+                if inference:
+                    # with push, server-to-server legs are priced by the servers' announced RTTs
+                    find_route = find_push_route if self.config.push else find_inference_route
+                    hops = find_route(
                         self.routing_snapshot(),
                         start,
                         end,
