@@ -17,7 +17,7 @@ from potluck.server.cache_budget import CacheBudget, CacheFullError
 from potluck.server.config import ServerConfig
 from potluck.server.handlers import ServerState
 from potluck.server.runtime import Runtime
-from potluck.server.scheduler import StepRequest, plan_batch
+from potluck.server.scheduler import StepRequest, plan_batch, worth_waiting
 from potluck.server.sessions import Session, SessionClosedError
 from potluck.server.tuning import TuningInputs
 from potluck.wire import DEFAULT_LIMITS
@@ -63,6 +63,19 @@ def test_plan_batch_takes_one_group() -> None:
     x2 = _request("C", 1, group="adapter-x")
     slots = plan_batch(_pending([x, y, x2]), ["A", "B", "C"], budget=16)
     assert [s.request for s in slots] == [x, x2]
+
+
+def test_worth_waiting_only_for_decode_batches_below_half_of_the_decoding_sessions() -> None:
+    steps = [_request(f"P{i}", 1) for i in range(4)]
+    recent = {r.session: 0.0 for r in steps}
+    assert worth_waiting(_pending(steps[:1]), recent)  # 1 of 4 decoding sessions queued
+    assert not worth_waiting(_pending(steps[:2]), recent)  # half are: run
+    assert not worth_waiting(_pending(steps[:1]), {steps[0].session: 0.0})  # a lone session never waits
+    assert not worth_waiting(_pending([]), recent)
+    prefill = _request("P9", 5)
+    assert not worth_waiting(_pending([steps[0], prefill]), recent)  # a prefill runs at once
+    other = _request("P8", 1, group="adapter-x")  # sessions of another group do not count
+    assert not worth_waiting(_pending(steps[:1]), {steps[0].session: 0.0, other.session: 0.0})
 
 
 @pytest.fixture(scope="module")
@@ -179,3 +192,62 @@ def test_per_client_peer_cache_bound(model: LocalCausalLM) -> None:
             runtime.shutdown()
 
     asyncio.run(main())
+
+
+async def _late(steps: Any) -> None:
+    await asyncio.sleep(0.03)
+    await steps()
+
+
+def test_a_decode_batch_waits_for_the_other_decoding_sessions(model: LocalCausalLM) -> None:
+    """Three sessions decode together; two of them reach the server 30 ms after the first. With a wait (one of
+    three is under half) they run as one batch each step; without one, the first runs alone. Outputs are exact
+    either way."""
+
+    async def run(batch_wait_ms: float) -> tuple[list[list[int]], int, int]:
+        runtime = Runtime()
+        state = _state(model, runtime, batch_wait_ms=batch_wait_ms)
+        sessions = [await _open(state, peer=f"peer-{i}") for i in range(3)]
+        ids = [torch.tensor([[5, 6, 7]]), torch.tensor([[9, 8]]), torch.tensor([[4]])]
+        out: list[list[int]] = [[], [], []]
+
+        async def step(i: int, delay: float) -> None:
+            await asyncio.sleep(delay)
+            hidden = await state.scheduler.step(sessions[i], _hidden(model, ids[i]), sessions[i].length)
+            ids[i] = model.client.head(hidden)[:, -1:].argmax(-1)
+            out[i].append(int(ids[i]))
+
+        try:
+            await asyncio.gather(step(0, 0), step(1, 0), step(2, 0))  # prefills (never wait)
+            batches = state.scheduler.batches
+            for _ in range(4):
+                # the two late steps start in one loop iteration, so both are queued when the batch looks
+                await asyncio.gather(step(0, 0), _late(lambda: asyncio.gather(step(1, 0), step(2, 0))))
+            return out, state.scheduler.batches - batches, state.scheduler.max_batch_sessions
+        finally:
+            runtime.shutdown()
+
+    waited, waited_batches, most = asyncio.run(run(batch_wait_ms=5000))
+    alone, alone_batches, _ = asyncio.run(run(batch_wait_ms=0))
+    assert waited == alone
+    assert waited_batches == 4 and most == 3
+    assert alone_batches >= 8
+
+
+def test_a_lone_decoding_session_never_waits(model: LocalCausalLM) -> None:
+    async def main() -> int:
+        runtime = Runtime()
+        state = _state(model, runtime, batch_wait_ms=3_600_000)  # waiting at all would hang past the timeout
+        session = await _open(state, peer="solo")
+        ids = torch.tensor([[1, 2, 3]])
+        try:
+            for _ in range(5):
+                hidden = await asyncio.wait_for(
+                    state.scheduler.step(session, _hidden(model, ids), session.length), timeout=30
+                )
+                ids = model.client.head(hidden)[:, -1:].argmax(-1)
+            return state.scheduler.batches
+        finally:
+            runtime.shutdown()
+
+    assert asyncio.run(main()) == 5

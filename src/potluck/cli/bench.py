@@ -31,7 +31,7 @@ def _decode_loop(
     """Greedy decode: returns (prefill seconds, per-step seconds), each including embeddings and LM head."""
     embed, head = head_and_embed
     t0 = time.perf_counter()
-    logits = head(step(embed(first_ids)))[:, -1]  # [B, V]
+    logits = head(step(embed(first_ids))[:, -1:])[:, -1]  # [B, V]: only the last position, as generate() does
     prefill = time.perf_counter() - t0
     steps = []
     for _ in range(new_tokens - 1):

@@ -35,7 +35,8 @@ def _session_run(model: Any, prompt: torch.Tensor, new_tokens: int) -> tuple[flo
     start = time.perf_counter()
     steps: list[float] = []
     with torch.inference_mode(), model.inference_session(max_length=prompt.shape[1] + new_tokens) as session:
-        logits = parts.head(session.step(parts.pre_blocks(parts.embed(prompt))))[:, -1]  # [1, V]
+        hidden = session.step(parts.pre_blocks(parts.embed(prompt)))  # [1, T, H]
+        logits = parts.head(hidden[:, -1:])[:, -1]  # [1, V]: only the last position, as generate() does
         for _ in range(new_tokens - 1):
             t0 = time.perf_counter()
             next_id = logits.argmax(-1, keepdim=True)  # [1, 1]
@@ -62,13 +63,14 @@ def _worker(
     barrier: Any,
     results: Any,
     index: int,
+    prepack: bool,
 ) -> None:
     """A client process with one session (``--processes``)."""
     from potluck import AutoDistributedModelForCausalLM
 
     torch.set_num_threads(1)
     model = AutoDistributedModelForCausalLM.from_pretrained(
-        model_path, initial_peers=peers, load_tokenizer=False
+        model_path, initial_peers=peers, load_tokenizer=False, prepack_head=prepack
     )
     try:
         barrier.wait()
@@ -105,33 +107,44 @@ def _free_port() -> int:
 
 
 class _Usage:
-    """CPU time of this process and every process it started (servers, p2pd daemons, client workers), and the
-    servers' batch sizes (from their metrics pages), over a phase of the benchmark.
+    """CPU time of this process and every process it started (servers, p2pd daemons, client workers), the
+    servers' batch sizes (from their metrics pages) and this process's LM-head batch sizes, over a phase.
 
     This machine runs the clients and all servers on the same cores; ``cpu_busy`` near 1.0 means the phase was
     limited by the cores, not by waiting."""
 
-    def __init__(self, metrics_ports: list[int]):
+    def __init__(self, metrics_ports: list[int], head: Any):
         self.ports = metrics_ports
+        self.head = head  # the client's RowBatcher (ClientParts.shared_head)
         self.result: dict[str, Any] = {}
 
     def __enter__(self) -> _Usage:
         self.cpu0, self.batches0, self.t0 = _tree_cpu_seconds(), self._batches(), time.perf_counter()
+        self.head0 = (self.head.calls, self.head.rows)
         return self
 
     def __exit__(self, *exc: object) -> None:
         wall = time.perf_counter() - self.t0
         cpu = _tree_cpu_seconds() - self.cpu0
-        count, total = (b - a for a, b in zip(self.batches0, self._batches(), strict=True))
+        count, total, seconds, batch_cpu = (
+            b - a for a, b in zip(self.batches0, self._batches(), strict=True)
+        )
+        head_calls, head_rows = self.head.calls - self.head0[0], self.head.rows - self.head0[1]
         self.result = {
             "cpu_busy": round(cpu / (wall * (os.cpu_count() or 1)), 3),  # fraction of all cores' time in use
             "server_batches": int(count),
             "sessions_per_server_batch": round(total / count, 2) if count else None,
+            "server_batch_ms": _ms(seconds / count) if count else None,  # mean compute time of one batch
+            # its CPU time (the rest of server_batch_ms: waiting for a core)
+            "server_batch_cpu_ms": _ms(batch_cpu / count) if count else None,
+            # rows per LM-head matmul in this process (concurrent sessions' heads run as one; None with
+            # --processes, whose sessions live in other processes)
+            "client_rows_per_head_call": round(head_rows / head_calls, 2) if head_calls else None,
         }
 
-    def _batches(self) -> tuple[float, float]:
-        """(batches, sessions in them) summed over the servers, from potluck_server_batch_sessions."""
-        count = total = 0.0
+    def _batches(self) -> tuple[float, float, float, float]:
+        """(batches, sessions in them, their compute seconds, CPU seconds), summed over the servers' metrics."""
+        count = total = seconds = cpu = 0.0
         for port in self.ports:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:
                 for line in page.read().decode().splitlines():
@@ -139,7 +152,11 @@ class _Usage:
                         count += float(line.split()[-1])
                     elif line.startswith("potluck_server_batch_sessions_sum"):
                         total += float(line.split()[-1])
-        return count, total
+                    elif line.startswith("potluck_server_batch_seconds_sum"):
+                        seconds += float(line.split()[-1])
+                    elif line.startswith("potluck_server_batch_cpu_seconds_sum"):
+                        cpu += float(line.split()[-1])
+        return count, total, seconds, cpu
 
 
 def _tree_cpu_seconds() -> float:
@@ -167,23 +184,34 @@ def bench_serve(args: argparse.Namespace) -> dict[str, Any]:
         swarm.start_bootstrap()
         procs = [
             swarm.start_server(
-                model_path, s, wait=False, extra_args=["--throughput", "100", "--metrics-port", str(port)]
+                model_path,
+                s,
+                wait=False,
+                extra_args=[
+                    *["--throughput", "100", "--metrics-port", str(port)],
+                    *(["--no-prepack"] if args.no_prepack else []),
+                ],
             )
             for s, port in zip(spans, ports, strict=True)
         ]
         swarm.wait_ready(procs)
         model = AutoDistributedModelForCausalLM.from_pretrained(
-            model_path, initial_peers=swarm.initial_peers, load_tokenizer=False
+            model_path,
+            initial_peers=swarm.initial_peers,
+            load_tokenizer=False,
+            prepack_head=not args.no_prepack,
         )
         try:
             _session_run(model, prompts[0][:, :8], 4)  # warm-up: routes, connections
             _SERVER_TIMES.clear()
-            with _Usage(ports) as usage:
+            with _Usage(ports, model.client.shared_head) as usage:
                 start, end, lone_steps = _session_run(model, prompts[0], args.new_tokens)
             single = {**_summary([(start, end)], [lone_steps], args.new_tokens), **usage.result}
-            with _Usage(ports) as usage:
+            with _Usage(ports, model.client.shared_head) as usage:
                 if args.processes:
-                    many = _many_processes(model_path, swarm.initial_peers, prompts[1:], args.new_tokens)
+                    many = _many_processes(
+                        model_path, swarm.initial_peers, prompts[1:], args.new_tokens, not args.no_prepack
+                    )
                 else:
                     many = _many_threads(model, prompts[1:], args.new_tokens)
             many.update(usage.result)
@@ -196,6 +224,7 @@ def bench_serve(args: argparse.Namespace) -> dict[str, Any]:
         "clients": args.clients,
         "client_processes": args.clients if args.processes else 1,
         "prompt_tokens": args.prompt_tokens,
+        "prepacked": not args.no_prepack,
         "new_tokens": args.new_tokens,
         "single": single,
         "concurrent": many,
@@ -229,7 +258,7 @@ def _many_threads(model: Any, prompts: list[torch.Tensor], new_tokens: int) -> d
 
 
 def _many_processes(
-    model_path: str, peers: list[str], prompts: list[torch.Tensor], new_tokens: int
+    model_path: str, peers: list[str], prompts: list[torch.Tensor], new_tokens: int, prepack: bool
 ) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(len(prompts))
@@ -237,7 +266,7 @@ def _many_processes(
     workers = [
         ctx.Process(
             target=_worker,
-            args=(model_path, peers, prompts[i][0].tolist(), new_tokens, barrier, results, i),
+            args=(model_path, peers, prompts[i][0].tolist(), new_tokens, barrier, results, i, prepack),
         )
         for i in range(len(prompts))
     ]

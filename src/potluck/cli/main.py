@@ -275,6 +275,10 @@ def build_parser() -> PotluckParser:
     b.add_argument("--processes", action="store_true", help="one client process per session")
     b.add_argument("--prompt-tokens", type=int, default=128, help="prompt length of each session")
     b.add_argument("--new-tokens", type=int, default=64, help="tokens each session generates")
+    b.add_argument(
+        "--no-prepack", action="store_true",
+        help="servers and client keep fp32 CPU weights in PyTorch's layout (default: prepacked for oneDNN)",
+    )  # fmt: skip
     b = bench.add_parser("failover", help="time from a server's death to the next token")
     b.add_argument("--json", action="store_true", help="print only the JSON result")
     b.add_argument("--model", default=None, help="checkpoint (default: the standard bench model)")

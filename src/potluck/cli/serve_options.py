@@ -26,6 +26,7 @@ FLAG_FOR_FIELD = {
     "client_mode": None,
     "swarm_key_path": "swarm_key",
     "push": "no_push",
+    "prepack": "no_prepack",
 }
 
 
@@ -166,6 +167,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "none on CPU)",
     )  # fmt: skip
     model.add_argument(
+        "--no-prepack", action="store_true",
+        help="keep fp32 CPU weights in PyTorch's layout (default: reorder them once for oneDNN's faster "
+        "small-batch kernels)",
+    )  # fmt: skip
+    model.add_argument(
         "--adapters", nargs="*", default=list(_S.adapters), metavar="DIR",
         help="PEFT LoRA adapters to preload; clients pick one by its directory name",
     )  # fmt: skip
@@ -204,6 +210,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     limits.add_argument(
         "--step-token-budget", type=_positive_int, default=_S.step_token_budget,
         help="rows*tokens of one batched compute step; longer prefills are split into chunks of it",
+    )  # fmt: skip
+    limits.add_argument(
+        "--batch-wait-ms", type=float, default=_S.batch_wait_ms,
+        help="longest a decode batch waits for more of the span's decoding sessions (until half of them have a "
+        "step queued; a lone session never waits); 0: never wait",
     )  # fmt: skip
     limits.add_argument(
         "--max-alloc-timeout", type=float, default=_S.max_alloc_timeout,
@@ -307,7 +318,7 @@ def server_config_from_args(args: argparse.Namespace, *, model: str, device: str
             "request_timeout", "update_period", "drain_timeout", "throughput", "compression", "bandwidth_mbps",
             "balance_quality", "balance_check_period", "start_delay_max", "inflight_frame_bytes",
             "activation_bytes", "metrics_port", "peer_cache_tokens", "peer_sessions",
-            "step_token_budget", "evict_idle_after", "forward_chunk_tokens",
+            "step_token_budget", "batch_wait_ms", "evict_idle_after", "forward_chunk_tokens",
         )
     }  # fmt: skip
     expiration = args.expiration if args.expiration is not None else max(2 * args.update_period, 3.0)
@@ -318,6 +329,7 @@ def server_config_from_args(args: argparse.Namespace, *, model: str, device: str
         expiration=expiration,
         direct_port=None if args.no_direct else args.direct_port,
         push=not args.no_push,
+        prepack=not args.no_prepack,
         adapters=tuple(args.adapters),
         **fields,
     )

@@ -104,7 +104,7 @@ class Int8Head(torch.nn.Module):
 
     def __init__(self, client: ClientParts) -> None:
         super().__init__()
-        weight = client.embed_tokens.weight if client.lm_head is None else client.lm_head.weight  # [V, H]
+        weight = client.head_weight()  # [V, H]
         linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
         linear.weight = torch.nn.Parameter(weight.detach().float(), requires_grad=False)
         self.norm, self.softcap = client.norm, client.spec.final_logit_softcap

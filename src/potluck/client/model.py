@@ -162,6 +162,8 @@ class DistributedModelForCausalLM(nn.Module):
         hf_config = load_config(name_or_path, revision=revision, token=token)
         parts = load_client_parts(name_or_path, dtype=dtype, device=device, revision=revision, token=token)
         parts.requires_grad_(False)
+        if client_config.prepack_head:
+            parts.prepack_head()  # fp32 on CPU only (models/cpu_linear.py); a no-op elsewhere
         tokenizer = _load_tokenizer(name_or_path, revision, token) if load_tokenizer else None
         fingerprint = None
         if client_config.check_fingerprint:

@@ -19,6 +19,9 @@ class ServerConfig:
     # linear layers of the blocks: none | int8 | nf4 (bitsandbytes) | auto (nf4 on CUDA where the span would not
     # fit in bf16, else none); `dtype` stays the compute dtype of the norms, activations and KV cache
     quant: str = "none"
+    # fp32 blocks on CPU: reorder the linear weights once for oneDNN (models/cpu_linear.py), so a batch of
+    # sessions' decode steps costs ~2x one step instead of ~4x (MKL on non-Intel CPUs); False: plain F.linear
+    prepack: bool = True
     revision: str | None = None  # hub revision of the checkpoint
     token: str | None = None  # hub token for gated models
     public_name: str | None = None  # a human name shown by `potluck status`
@@ -56,6 +59,9 @@ class ServerConfig:
     # rows x tokens one batched forward of inference steps may carry; longer prefills are cut into chunks of
     # this size that run between other sessions' decode steps (continuous batching, chunked prefill)
     step_token_budget: int = 256
+    # a decode-only batch waits up to this long (ms) while fewer than half of the span's decoding sessions have a
+    # step queued (server/scheduler.py:worth_waiting): larger batches for the price of this much latency; 0: never
+    batch_wait_ms: float = 80.0
     adapters: tuple[str, ...] = ()  # PEFT LoRA adapter dirs to preload; clients pick one by its dir name
     # payload bytes of incoming frames buffered at once over all streams; past it, frames are refused at the header
     inflight_frame_bytes: int = 2 << 30

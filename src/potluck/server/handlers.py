@@ -97,7 +97,11 @@ class ServerState:
             peer_tokens = max(cfg.cache_tokens // 2, min(cfg.cache_tokens, cfg.max_inference_length))
         self.sessions = SessionTable(self.budget, peer_tokens, cfg.peer_sessions, cfg.evict_idle_after)
         self.scheduler = StepScheduler(
-            self.compute, token_budget=cfg.step_token_budget, device=self.device, dtype=self.dtype
+            self.compute,
+            token_budget=cfg.step_token_budget,
+            device=self.device,
+            dtype=self.dtype,
+            batch_wait=cfg.batch_wait_ms / 1000,
         )
         self.chunked = ChunkedCompute(
             self.compute, cfg.forward_chunk_tokens, self.device, self.dtype, self.activations

@@ -33,6 +33,19 @@ BATCH_SESSIONS = Histogram(
     buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64),
     registry=REGISTRY,
 )
+BATCH_SECONDS = Histogram(
+    "potluck_server_batch_seconds",
+    "Compute time of one scheduler batch on the compute thread (all its sessions' steps together)",
+    buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0),
+    registry=REGISTRY,
+)
+BATCH_CPU_SECONDS = Histogram(
+    "potluck_server_batch_cpu_seconds",
+    "CPU time of the compute thread over one scheduler batch (below the wall time when other processes share "
+    "the cores)",
+    buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0),
+    registry=REGISTRY,
+)
 TOKENS = Counter(
     "potluck_server_tokens", "batch*tokens run through this server's blocks", ["kind"], registry=REGISTRY
 )
@@ -58,9 +71,11 @@ def count_step(batch: int, tokens: int) -> None:
     TOKENS.labels("inference").inc(batch * tokens)
 
 
-def count_batch(sessions: int) -> None:
-    """The scheduler ran one forward shared by ``sessions`` sessions' steps."""
+def count_batch(sessions: int, seconds: float, cpu_seconds: float) -> None:
+    """The scheduler ran one forward shared by ``sessions`` sessions' steps, in ``seconds`` (wall) of compute."""
     BATCH_SESSIONS.observe(sessions)
+    BATCH_SECONDS.observe(seconds)
+    BATCH_CPU_SECONDS.observe(cpu_seconds)
 
 
 def count_request(rpc: str, batch_tokens: int = 0) -> None:

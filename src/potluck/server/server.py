@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from potluck.models import BlockSpan, CheckpointError, load_config, load_span
+from potluck.models.cpu_linear import prepack_linears
 from potluck.models.fingerprint import checkpoint_fingerprint
 from potluck.models.quant import module_bytes
 from potluck.server import metrics
@@ -324,6 +325,10 @@ class Server:
             quant=self.quant,
         )
         span.requires_grad_(False)
+        if cfg.prepack:
+            packed = prepack_linears(span)  # fp32 on CPU only; a no-op elsewhere
+            if packed:
+                logger.info("prepacked %d linear layers for oneDNN", packed)
         self.block_bytes = module_bytes(span) // span.num_blocks
         noise = float(os.environ.get(TEST_LIE_ENV, "0") or 0)
         if noise > 0:  # TEST ONLY: a dishonest server, so tests can show the client's verification catches it

@@ -1,0 +1,84 @@
+"""Prepacked oneDNN linear layers (models/cpu_linear.py): same results as F.linear, gradients to the inputs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from potluck.models import LocalCausalLM
+from potluck.models.cpu_linear import PackedLinear, prepack_linears, prepack_supported
+from potluck.models.quant import module_bytes
+
+pytestmark = pytest.mark.skipif(
+    not prepack_supported(torch.float32, "cpu"), reason="this torch build has no oneDNN linear prepacking"
+)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(1, 64), (3, 5, 64), (8, 1, 64)])
+def test_packed_linear_matches_f_linear(bias: bool, shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 96, bias=bias)
+    packed = PackedLinear(linear)
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), F.linear(x, linear.weight, linear.bias), rtol=1e-5, atol=1e-5)
+        xt = torch.randn(shape[-1], *shape[:-1]).movedim(0, -1)  # non-contiguous input
+        torch.testing.assert_close(packed(xt), F.linear(xt, linear.weight, linear.bias), rtol=1e-5, atol=1e-5)
+    assert torch.equal(packed.weight, linear.weight)
+    assert module_bytes(packed) == module_bytes(linear)
+
+
+def test_packed_linear_gradients_reach_input_and_bias() -> None:
+    torch.manual_seed(1)
+    linear = nn.Linear(32, 48)
+    linear.weight.requires_grad_(False)
+    packed = PackedLinear(linear)  # shares the bias parameter
+    x = torch.randn(2, 3, 32, requires_grad=True)
+    upstream = torch.randn(2, 3, 48)
+    (packed(x) * upstream).sum().backward()
+    got_x, got_b = x.grad.clone(), linear.bias.grad.clone()  # type: ignore[union-attr]
+    x.grad, linear.bias.grad = None, None
+    (linear(x) * upstream).sum().backward()
+    torch.testing.assert_close(got_x, x.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_b, linear.bias.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_linear_refuses_what_it_cannot_run() -> None:
+    with pytest.raises(ValueError, match="cannot prepack"):
+        PackedLinear(nn.Linear(8, 8).to(torch.bfloat16))
+    packed = PackedLinear(nn.Linear(8, 8))
+    with pytest.raises(TypeError, match="float32 CPU inputs"):
+        packed(torch.randn(1, 8, dtype=torch.bfloat16))
+
+
+def test_prepacked_span_computes_what_the_plain_span_does(tiny_model_dir: Any) -> None:
+    model = LocalCausalLM.from_pretrained(tiny_model_dir("llama-gqa-llama3rope"))
+    plain = LocalCausalLM.from_pretrained(tiny_model_dir("llama-gqa-llama3rope"))
+    bf16 = nn.Sequential(nn.Linear(4, 4).to(torch.bfloat16))
+    assert prepack_linears(bf16) == 0  # only fp32 on CPU
+    blocks = len(model.span.blocks)
+    assert prepack_linears(model.span) == 7 * blocks  # q, k, v, o, gate, up, down in every block
+    assert not any(type(m) is nn.Linear for m in model.span.modules())
+    assert module_bytes(model.span) == module_bytes(plain.span)
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        cache_a, cache_b = model.new_cache(2, 16), plain.new_cache(2, 16)
+        torch.testing.assert_close(model.step(ids, cache_a), plain.step(ids, cache_b), rtol=1e-4, atol=1e-4)
+        nxt = ids[:, -1:]
+        torch.testing.assert_close(model.step(nxt, cache_a), plain.step(nxt, cache_b), rtol=1e-4, atol=1e-4)
+
+
+def test_prepacked_head_keeps_logits_and_dense_weight(tiny_model_dir: Any) -> None:
+    model = LocalCausalLM.from_pretrained(tiny_model_dir("llama-gqa-llama3rope"))
+    hidden = torch.randn(3, 2, model.client.spec.hidden_size)
+    with torch.no_grad():
+        before, weight = model.client.head(hidden), model.client.head_weight().clone()
+        assert model.client.prepack_head()
+        assert isinstance(model.client.lm_head, PackedLinear)
+        torch.testing.assert_close(model.client.head(hidden), before, rtol=1e-5, atol=1e-5)
+    assert torch.equal(model.client.head_weight(), weight)
