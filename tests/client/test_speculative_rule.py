@@ -232,3 +232,33 @@ def test_local_sampled_output_has_the_target_distribution(tiny_vocab_model: Loca
     assert 0.2 < total.acceptance_rate < 0.95  # the draft is neither perfect nor useless
     assert _chi2_pvalue(counts, target_joint, n) > SIGNIFICANCE
     assert _chi2_pvalue(counts, draft_joint, n) < 1e-6  # the test tells the draft's distribution apart
+
+
+def test_drafting_ahead_during_the_round_trip_keeps_greedy_exact(tiny_vocab_model: LocalCausalLM) -> None:
+    """The draft proposes the next round while the target checks this one; when the target kept everything and
+    added the token the draft guessed, those proposals are used without drafting. The output is unchanged, with
+    a perfect draft (every round after the first uses proposals made ahead), a noisy one and none ahead."""
+    prompt = torch.tensor([[3, 1, 4, 1, 5]])
+    params = GenerationParams(max_new_tokens=24)  # 6 rounds of k=3 proposals + 1
+    expected = _plain(tiny_vocab_model, prompt, params)
+    perfect, perfect_stats = _speculative(
+        tiny_vocab_model, LocalDraft(tiny_vocab_model), prompt, params, adaptive=False
+    )
+    noisy_draft = LocalDraft(add_weight_noise(copy.deepcopy(tiny_vocab_model), 1.0, seed=4))
+    noisy, noisy_stats = _speculative(tiny_vocab_model, noisy_draft, prompt, params)
+    plain, plain_stats = _speculative(
+        tiny_vocab_model, LocalDraft(tiny_vocab_model), prompt, params, adaptive=False, lookahead=False
+    )
+    assert torch.equal(perfect, expected) and torch.equal(noisy, expected) and torch.equal(plain, expected)
+    assert perfect_stats.lookahead_rounds == perfect_stats.rounds - 1 > 0
+    assert plain_stats.lookahead_rounds == 0 and plain_stats.rounds == perfect_stats.rounds
+    assert noisy_stats.lookahead_rounds < noisy_stats.rounds - 1  # a wrong guess: drafted again
+
+
+def test_sampling_never_drafts_ahead(tiny_vocab_model: LocalCausalLM) -> None:
+    params = GenerationParams(max_new_tokens=12, do_sample=True, top_k=None)
+    _, stats = _speculative(
+        tiny_vocab_model, LocalDraft(tiny_vocab_model), torch.tensor([[1, 2]]), params,
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    assert stats.rounds > 0 and stats.lookahead_rounds == 0 and stats.lookahead_seconds == 0

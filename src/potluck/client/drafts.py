@@ -150,7 +150,9 @@ class HFRunner:
 
     def rollback(self, length: int) -> None:
         if length < self.length:
-            self.cache.crop(length)
+            # transformers' Cache.crop takes how many tokens to remove, as a negative count (an absolute length
+            # is refused)
+            self.cache.crop(length - self.length)
 
 
 class HFDraft:

@@ -26,6 +26,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -204,6 +205,8 @@ class SpeculationStats:
     target_seconds: float = 0.0
     prefill_rounds: int = 0  # rounds that also sent the prompt (their seconds are in target_seconds too)
     prefill_seconds: float = 0.0
+    lookahead_rounds: int = 0  # rounds whose proposals the draft made during the previous round trip
+    lookahead_seconds: float = 0.0  # draft time spent while waiting for the swarm (used or not)
 
     @property
     def acceptance_rate(self) -> float:
@@ -245,6 +248,8 @@ class SpeculationStats:
             "prefill_seconds": round(self.prefill_seconds, 4),
             "draft_ms_per_token": round(self.draft_ms_per_token, 2),
             "round_ms": round(self.round_ms, 2),
+            "lookahead_rounds": self.lookahead_rounds,
+            "lookahead_seconds": round(self.lookahead_seconds, 4),
         }
 
 
@@ -286,6 +291,41 @@ def _one_thread() -> Iterator[None]:
                 torch.set_num_threads(_saved_threads)
 
 
+@dataclass
+class _Lookahead:
+    """Proposals for the next round, made while the swarm checks this one (greedy only, see below)."""
+
+    guess: int  # the draft's guess of the token the target adds after accepting every proposal
+    proposals: list[int]  # what the draft proposes after that guess
+    seconds: float
+
+
+def _look_ahead(
+    draft: CachedLM,
+    extended: torch.Tensor,
+    k: int,
+    scores_after: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    vocab_size: int,
+    eos_ids: set[int],
+) -> _Lookahead:
+    """Greedy drafting past ``extended [1, L]`` (the sequence with this round's proposals), assuming the target
+    keeps them all: the guess of its next token, then ``k`` proposals after it. Runs on a worker thread during
+    the round trip; the draft's cache then holds these positions, and rolling back to the accepted length (as
+    after every round) drops them when the guess was wrong."""
+    t0 = time.perf_counter()
+    tokens: list[int] = []
+    sequence = extended
+    with torch.no_grad(), _one_thread():
+        for i in range(k + 1):
+            logits = draft.run(sequence[:, -1:], sequence.shape[1] - 1, num_logits=1)[0, -1]  # [V_draft]
+            token = int(scores_after(sequence, _fit_vocab(logits, vocab_size)).argmax())
+            tokens.append(token)
+            sequence = torch.cat([sequence, torch.tensor([[token]])], dim=1)
+            if token in eos_ids or i == k:
+                break
+    return _Lookahead(tokens[0], tokens[1:], time.perf_counter() - t0)
+
+
 @torch.no_grad()
 def speculative_generate(
     target: CachedLM,
@@ -300,8 +340,14 @@ def speculative_generate(
     stats: SpeculationStats | None = None,
     generator: torch.Generator | None = None,
     on_logits: Callable[[torch.Tensor], None] | None = None,
+    lookahead: bool = True,
 ) -> torch.Tensor:
     """Generate like :func:`potluck.client.generation.generate_tokens`, several tokens per target step.
+
+    ``lookahead`` (greedy only): while the swarm checks a round, the draft keeps going on a worker thread as if
+    the target kept every proposal and added the draft's own next token; when it did, the next round's proposals
+    are ready without drafting time (over a WAN the draft otherwise runs between round trips, idle time for the
+    link). Sampling does not look ahead: its proposals draw from ``generator``, whose order must not change.
 
     ``target`` may already hold a prefix of ``input_ids`` (an inference session continuing); ``draft`` starts
     empty or holds a prefix too. On return the target holds every token but the last, as after plain generation.
@@ -327,71 +373,110 @@ def speculative_generate(
 
     target_length = min(target.length, sequence.shape[1] - 1)  # the last known token is always re-fed
     produced, done = 0, False
-    while produced < budget and not done:
-        length = sequence.shape[1]
-        k = min(controller.k, budget - produced - 1)  # room for the token the target adds itself
-        # 1. the draft proposes up to k tokens
-        t0 = time.perf_counter()
-        drafts: list[int] = []
-        draft_probs: list[torch.Tensor] = []
-        extended = sequence
-        if k > 0:
-            start = min(draft.length, length - 1)
-            logits = draft.run(sequence[:, start:], start, num_logits=1)[0, -1]  # [V_draft]
-            for i in range(k):
-                scores = scores_after(extended, _fit_vocab(logits, vocab_size))  # [V]
-                if params.do_sample:
-                    probs = torch.softmax(scores, dim=-1)  # [V]
-                    token = int(torch.multinomial(probs, 1, generator=generator))
-                    draft_probs.append(probs)
-                else:
-                    token = int(scores.argmax())
-                drafts.append(token)
-                extended = torch.cat([extended, torch.tensor([[token]])], dim=1)
-                if token in eos_ids or i == k - 1:
+    worker = (
+        ThreadPoolExecutor(1, thread_name_prefix="potluck-draft")
+        if lookahead and not params.do_sample
+        else None
+    )
+    ready: list[int] | None = None  # proposals made ahead for this round
+    ready_seconds = 0.0  # what making them cost the draft
+    try:
+        while produced < budget and not done:
+            length = sequence.shape[1]
+            k = min(controller.k, budget - produced - 1)  # room for the token the target adds itself
+            # 1. the draft proposes up to k tokens (or made them during the last round trip)
+            t0 = time.perf_counter()
+            drafts: list[int] = []
+            draft_probs: list[torch.Tensor] = []
+            extended = sequence
+            used_ahead, ahead_seconds = ready is not None and k > 0, ready_seconds
+            if ready is not None and k > 0:
+                drafts = ready[:k]
+                extended = torch.cat([sequence, torch.tensor([drafts], dtype=sequence.dtype)], dim=1)
+                stats.lookahead_rounds += 1
+            elif k > 0:
+                start = min(draft.length, length - 1)
+                logits = draft.run(sequence[:, start:], start, num_logits=1)[0, -1]  # [V_draft]
+                for i in range(k):
+                    scores = scores_after(extended, _fit_vocab(logits, vocab_size))  # [V]
+                    if params.do_sample:
+                        probs = torch.softmax(scores, dim=-1)  # [V]
+                        token = int(torch.multinomial(probs, 1, generator=generator))
+                        draft_probs.append(probs)
+                    else:
+                        token = int(scores.argmax())
+                    drafts.append(token)
+                    extended = torch.cat([extended, torch.tensor([[token]])], dim=1)
+                    if token in eos_ids or i == k - 1:
+                        break
+                    with _one_thread():
+                        logits = draft.run(extended[:, -1:], extended.shape[1] - 1, num_logits=1)[0, -1]
+            draft_seconds = time.perf_counter() - t0
+            # 2. the target checks the last known token + the proposals in one step; the draft looks ahead
+            t0 = time.perf_counter()
+            feed = extended[:, target_length:]
+            ahead = None
+            if (
+                worker is not None
+                and drafts
+                and drafts[-1] not in eos_ids
+                and produced + len(drafts) + 2 < budget
+            ):
+                ahead = worker.submit(
+                    _look_ahead, draft, extended, controller.k, scores_after, vocab_size, eos_ids
+                )
+            try:
+                target_logits = target.run(feed, target_length, num_logits=len(drafts) + 1)[0]  # [k+1, V]
+            finally:  # the draft is ours again before any rollback
+                looked = ahead.result() if ahead is not None else None
+            target_seconds = time.perf_counter() - t0
+            target_scores = torch.stack(
+                [scores_after(extended[:, : length + i], target_logits[i]) for i in range(len(drafts) + 1)]
+            )  # [k+1, V]
+            if params.do_sample:
+                p = torch.softmax(target_scores, dim=-1)  # [k+1, V]
+                q = torch.stack(draft_probs) if drafts else p[:0]  # [k, V]
+                kept, next_token = verify_sampled(p, q, drafts, generator)
+            else:
+                kept, next_token = verify_greedy(target_scores, drafts)
+            # 3. keep the agreed prefix; both caches forget the rest
+            target_length = length + kept
+            target.rollback(target_length)
+            ready = None
+            if looked is not None:
+                stats.lookahead_seconds += looked.seconds
+                if kept == len(drafts) and next_token == looked.guess and looked.proposals:
+                    # the draft's cache holds the guess and all of these but the last
+                    ready, ready_seconds = looked.proposals, looked.seconds
+            if ready is None:
+                draft.rollback(target_length)
+            # this round also carried the prompt: not a round's cost
+            prefill = feed.shape[1] > len(drafts) + 2
+            # drafting ahead overlapped the last round trip; the cost model still counts what it cost the draft
+            drafted_for = ahead_seconds if used_ahead else draft_seconds
+            controller.update(len(drafts), kept, drafted_for, target_seconds, timed=not prefill)
+            stats.prefill_rounds += int(prefill)
+            stats.prefill_seconds += target_seconds if prefill else 0.0
+            stats.rounds += 1
+            stats.drafted += len(drafts)
+            stats.accepted += kept
+            stats.first_rejections += int(kept < len(drafts))
+            stats.draft_seconds += draft_seconds
+            stats.target_seconds += target_seconds
+            for i, token in enumerate([*drafts[:kept], next_token]):
+                sequence = torch.cat([sequence, torch.tensor([[token]])], dim=1)
+                produced += 1
+                stats.new_tokens += 1
+                if on_logits is not None:
+                    on_logits(target_logits[i])
+                if streamer is not None:
+                    streamer.put(torch.tensor([token]))
+                if len(stopping) > 0 and bool(stopping(cast(torch.LongTensor, sequence), None).all()):
+                    done = True
                     break
-                with _one_thread():
-                    logits = draft.run(extended[:, -1:], extended.shape[1] - 1, num_logits=1)[0, -1]
-        draft_seconds = time.perf_counter() - t0
-        # 2. the target checks the last known token + the proposals in one step
-        t0 = time.perf_counter()
-        feed = extended[:, target_length:]
-        target_logits = target.run(feed, target_length, num_logits=len(drafts) + 1)[0]  # [k+1, V]
-        target_seconds = time.perf_counter() - t0
-        target_scores = torch.stack(
-            [scores_after(extended[:, : length + i], target_logits[i]) for i in range(len(drafts) + 1)]
-        )  # [k+1, V]
-        if params.do_sample:
-            p = torch.softmax(target_scores, dim=-1)  # [k+1, V]
-            q = torch.stack(draft_probs) if drafts else p[:0]  # [k, V]
-            kept, next_token = verify_sampled(p, q, drafts, generator)
-        else:
-            kept, next_token = verify_greedy(target_scores, drafts)
-        # 3. keep the agreed prefix; both caches forget the rest
-        target_length = length + kept
-        target.rollback(target_length)
-        draft.rollback(target_length)
-        prefill = feed.shape[1] > len(drafts) + 2  # this round also carried the prompt: not a round's cost
-        controller.update(len(drafts), kept, draft_seconds, target_seconds, timed=not prefill)
-        stats.prefill_rounds += int(prefill)
-        stats.prefill_seconds += target_seconds if prefill else 0.0
-        stats.rounds += 1
-        stats.drafted += len(drafts)
-        stats.accepted += kept
-        stats.first_rejections += int(kept < len(drafts))
-        stats.draft_seconds += draft_seconds
-        stats.target_seconds += target_seconds
-        for i, token in enumerate([*drafts[:kept], next_token]):
-            sequence = torch.cat([sequence, torch.tensor([[token]])], dim=1)
-            produced += 1
-            stats.new_tokens += 1
-            if on_logits is not None:
-                on_logits(target_logits[i])
-            if streamer is not None:
-                streamer.put(torch.tensor([token]))
-            if len(stopping) > 0 and bool(stopping(cast(torch.LongTensor, sequence), None).all()):
-                done = True
-                break
+    finally:
+        if worker is not None:
+            worker.shutdown(wait=True)
     # the target holds the agreed tokens; after an early stop, forget those past the returned sequence
     target.rollback(min(target_length, sequence.shape[1] - 1))
     if streamer is not None:
