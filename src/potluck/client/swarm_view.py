@@ -22,7 +22,7 @@ from potluck.errors import (
     UnknownAdapterError,
 )
 from potluck.swarm.claims import cap_unobserved_claims
-from potluck.swarm.direct import DirectConnectError, open_direct
+from potluck.swarm.direct import open_direct_first
 from potluck.swarm.directory import fetch_snapshot
 from potluck.swarm.push_routing import find_push_route
 from potluck.swarm.records import SwarmSnapshot
@@ -179,22 +179,22 @@ class SwarmView:
         """A byte stream to ``peer_id``: its direct TCP path when announced and reachable, else libp2p."""
         server = self.snapshot.servers.get(peer_id)  # type: ignore[call-overload]
         addrs = server.record.direct_addrs if server is not None and self.config.use_direct else ()
-        if addrs and self._direct_failed.get(peer_id, -math.inf) < time.monotonic() - DIRECT_RETRY_AFTER:
-            for addr in addrs:
-                try:
-                    return await open_direct(
-                        addr,
-                        protocol,
-                        peer_id,
-                        timeout=min(timeout, DIRECT_CONNECT_TIMEOUT),
-                        identity=self.node.identity,
-                        swarm_key=self.node.swarm_key,
-                    )
-                except DirectConnectError as e:
-                    logger.debug("%s", e)
+        if self._direct_failed.get(peer_id, -math.inf) >= time.monotonic() - DIRECT_RETRY_AFTER:
+            addrs = ()  # failed lately: libp2p until DIRECT_RETRY_AFTER has passed
+
+        def direct_failed() -> None:
             self._direct_failed[peer_id] = time.monotonic()
             logger.info("server %s: direct path unreachable, using libp2p", peer_id[-8:])
-        return await self.node.open_stream(peer_id, protocol, timeout=timeout)
+
+        return await open_direct_first(
+            self.node,
+            peer_id,
+            protocol,
+            addrs,
+            timeout=timeout,
+            direct_timeout=min(timeout, DIRECT_CONNECT_TIMEOUT),
+            on_direct_failed=direct_failed,
+        )
 
     # --- routes ----------------------------------------------------------------------------------------
 

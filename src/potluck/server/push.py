@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from potluck.server.sessions import Session
-from potluck.swarm.direct import DirectConnectError, open_direct
+from potluck.swarm.direct import open_direct_first
 from potluck.swarm.directory import fetch_snapshot
 from potluck.swarm.records import SwarmSnapshot
 from potluck.swarm.transport import SwarmNode
@@ -236,19 +236,10 @@ class PushHub:
         """A stream to another server: its direct path when its record announces one, else libp2p."""
         snapshot = await self._directory(peer_id)
         span = snapshot.servers.get(peer_id) if snapshot is not None else None  # type: ignore[call-overload]
-        for addr in span.record.direct_addrs if span is not None else ():
-            try:
-                return await open_direct(
-                    addr,
-                    protocol,
-                    peer_id,
-                    timeout=CONNECT_TIMEOUT,
-                    identity=self.node.identity,
-                    swarm_key=self.node.swarm_key,
-                )
-            except DirectConnectError as e:
-                logger.debug("%s", e)
-        return await self.node.open_stream(peer_id, protocol, timeout=CONNECT_TIMEOUT)
+        addrs = span.record.direct_addrs if span is not None else ()
+        return await open_direct_first(
+            self.node, peer_id, protocol, addrs, timeout=CONNECT_TIMEOUT, direct_timeout=CONNECT_TIMEOUT
+        )
 
     async def _directory(self, peer_id: str | None = None) -> SwarmSnapshot | None:
         """The swarm's records (cached); re-read when old, or when ``peer_id`` is not in them (rate-limited)."""

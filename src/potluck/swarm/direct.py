@@ -22,7 +22,7 @@ import contextlib
 import logging
 import socket
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from potluck.errors import TransportError
@@ -30,7 +30,7 @@ from potluck.swarm import link
 from potluck.swarm.limits import ConnectionLimiter
 from potluck.swarm.secure_channel import HandshakeError, client_handshake, server_handshake
 from potluck.swarm.signing import IdentityKey, SwarmKey
-from potluck.swarm.transport import STREAM_LINGER_SECONDS, StreamHandler, linger
+from potluck.swarm.transport import STREAM_LINGER_SECONDS, StreamHandler, SwarmNode, linger
 
 logger = logging.getLogger(__name__)
 
@@ -162,3 +162,34 @@ async def open_direct(
             writer.close()
         raise DirectConnectError(f"direct path {addr} unusable: {type(e).__name__}: {e}") from e
     return sreader, link.shape(swriter)  # type: ignore[return-value]
+
+
+async def open_direct_first(
+    node: SwarmNode,
+    peer_id: str,
+    protocol: str,
+    direct_addrs: Sequence[str],
+    *,
+    timeout: float,
+    direct_timeout: float,
+    on_direct_failed: Callable[[], None] | None = None,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A stream to ``peer_id``: the first of its announced direct addresses that completes the handshake (each
+    tried for at most ``direct_timeout``), else libp2p (``timeout``). Clients and servers (push) both open streams
+    this way. ``on_direct_failed`` is called before falling back when addresses were tried and none worked (a
+    client then skips them for a while)."""
+    for addr in direct_addrs:
+        try:
+            return await open_direct(
+                addr,
+                protocol,
+                peer_id,
+                timeout=direct_timeout,
+                identity=node.identity,
+                swarm_key=node.swarm_key,
+            )
+        except DirectConnectError as e:
+            logger.debug("%s", e)
+    if direct_addrs and on_direct_failed is not None:
+        on_direct_failed()
+    return await node.open_stream(peer_id, protocol, timeout=timeout)
