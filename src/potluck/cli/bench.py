@@ -42,19 +42,30 @@ def _decode_loop(
     return prefill, steps
 
 
-def _swarm_decode(
-    args: argparse.Namespace, swarm: Any, model_path: str, prompt: torch.Tensor, max_length: int, push: bool
-) -> dict[str, Any]:
-    """One client's greedy decode through ``swarm``, with server-to-server push on or off."""
+def bench_client(args: argparse.Namespace, model_path: str, initial_peers: Any, **config: Any) -> Any:
+    """A benchmark's client of the loopback swarm: the compression and emulated link the command asked for,
+    no tokenizer, plus ``config`` (more ``from_pretrained`` options)."""
     from potluck import AutoDistributedModelForCausalLM
 
-    model = AutoDistributedModelForCausalLM.from_pretrained(
+    return AutoDistributedModelForCausalLM.from_pretrained(
         model_path,
-        initial_peers=swarm.initial_peers,
+        initial_peers=initial_peers,
         compression=args.compression,
         link_delay_ms=args.link_delay_ms,
         link_mbps=args.link_mbps,
         load_tokenizer=False,
+        **config,
+    )
+
+
+def _swarm_decode(
+    args: argparse.Namespace, swarm: Any, model_path: str, prompt: torch.Tensor, max_length: int, push: bool
+) -> dict[str, Any]:
+    """One client's greedy decode through ``swarm``, with server-to-server push on or off."""
+    model = bench_client(
+        args,
+        model_path,
+        swarm.initial_peers,
         use_direct=not args.no_direct,
         verify_fraction=args.verify_fraction,
         verify_seed=0,

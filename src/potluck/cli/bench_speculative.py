@@ -79,8 +79,7 @@ class _Clock:
 def bench_inference_with_draft(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from potluck import AutoDistributedModelForCausalLM
-    from potluck.cli.bench import _even_spans
+    from potluck.cli.bench import _even_spans, bench_client
     from potluck.cli.local_swarm import link_swarm
     from potluck.cli.sample_models import bench_model_path
     from potluck.client.speculative import SpeculationStats
@@ -100,14 +99,7 @@ def bench_inference_with_draft(args: argparse.Namespace) -> dict[str, Any]:
             swarm.start_server(model_path, s, wait=False, extra_args=["--throughput", "100"]) for s in spans
         ]
         swarm.wait_ready(procs)
-        with AutoDistributedModelForCausalLM.from_pretrained(
-            model_path,
-            initial_peers=swarm.initial_peers,
-            compression=args.compression,
-            link_delay_ms=args.link_delay_ms,
-            link_mbps=args.link_mbps,
-            load_tokenizer=False,
-        ) as model:
+        with bench_client(args, model_path, swarm.initial_peers) as model:
             model.generate(prompt[:, :8], max_new_tokens=2, eos_token_id=None)  # warm up routes and servers
             for name in ("plain", "draft"):
                 clock, stats = _Clock(), SpeculationStats()
