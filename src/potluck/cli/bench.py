@@ -29,17 +29,34 @@ def _decode_loop(
     step: Any, head_and_embed: Any, first_ids: torch.Tensor, new_tokens: int
 ) -> tuple[float, list[float]]:
     """Greedy decode: returns (prefill seconds, per-step seconds), each including embeddings and LM head."""
-    embed, head = head_and_embed
-    t0 = time.perf_counter()
-    logits = head(step(embed(first_ids))[:, -1:])[:, -1]  # [B, V]: only the last position, as generate() does
-    prefill = time.perf_counter() - t0
-    steps = []
-    for _ in range(new_tokens - 1):
-        t0 = time.perf_counter()
-        next_id = logits.argmax(-1, keepdim=True)  # [B, 1]
-        logits = head(step(embed(next_id)))[:, -1]
-        steps.append(time.perf_counter() - t0)
+    ((prefill, steps),) = _paired_decode([(step, *head_and_embed)], first_ids, new_tokens)
     return prefill, steps
+
+
+def _paired_decode(
+    decoders: list[tuple[Any, Any, Any]], first_ids: torch.Tensor, new_tokens: int
+) -> list[tuple[float, list[float]]]:
+    """Greedy decodes with each ``(step, embed, head)``, taking turns token by token; returns (prefill seconds,
+    per-step seconds) for each.
+
+    Why turns: on a shared VM the cores' speed drifts by tens of percent within a minute; a swarm decode timed
+    after a local one would compare two machines. Taking turns, both see the same moments.
+    """
+    logits: list[torch.Tensor] = []
+    results: list[tuple[float, list[float]]] = []
+    for step, embed, head in decoders:
+        t0 = time.perf_counter()
+        logits.append(
+            head(step(embed(first_ids))[:, -1:])[:, -1]
+        )  # [B, V]: the last position, as generate() does
+        results.append((time.perf_counter() - t0, []))
+    for _ in range(new_tokens - 1):
+        for i, (step, embed, head) in enumerate(decoders):
+            t0 = time.perf_counter()
+            next_id = logits[i].argmax(-1, keepdim=True)  # [B, 1]
+            logits[i] = head(step(embed(next_id)))[:, -1]
+            results[i][1].append(time.perf_counter() - t0)
+    return results
 
 
 def bench_client(args: argparse.Namespace, model_path: str, initial_peers: Any, **config: Any) -> Any:
@@ -59,9 +76,16 @@ def bench_client(args: argparse.Namespace, model_path: str, initial_peers: Any, 
 
 
 def _swarm_decode(
-    args: argparse.Namespace, swarm: Any, model_path: str, prompt: torch.Tensor, max_length: int, push: bool
+    args: argparse.Namespace,
+    swarm: Any,
+    model_path: str,
+    prompt: torch.Tensor,
+    max_length: int,
+    push: bool,
+    local: Any,
 ) -> dict[str, Any]:
-    """One client's greedy decode through ``swarm``, with server-to-server push on or off."""
+    """One client's greedy decode through ``swarm``, with server-to-server push on or off, taking turns step by
+    step with the same decode on ``local`` (a :class:`LocalCausalLM`, the reference)."""
     model = bench_client(
         args,
         model_path,
@@ -73,16 +97,24 @@ def _swarm_decode(
     )
     try:
         parts = model.client
-        # untimed warm-up of this process (the local run gets one too): first-call allocations and kernel
-        # selection of the embeddings and LM head, and the connections to the servers
+
+        def local_decoder() -> tuple[Any, Any, Any]:
+            cache = local.new_cache(1, max_length)
+            return (
+                lambda h: local.span(local.client.pre_blocks(h), cache=cache),
+                local.client.embed,
+                local.client.head,
+            )
+
+        # untimed warm-up of both: first-call allocations and kernel selection of the embeddings and LM head,
+        # and the connections to the servers
         with torch.inference_mode(), model.inference_session(max_length=max_length) as session:
-            _decode_loop(lambda h: session.step(parts.pre_blocks(h)), (parts.embed, parts.head), prompt, 2)
+            swarm_decoder = (lambda h: session.step(parts.pre_blocks(h)), parts.embed, parts.head)
+            _paired_decode([swarm_decoder, local_decoder()], prompt, 2)
         with torch.inference_mode(), model.inference_session(max_length=max_length) as session:
-            prefill, steps = _decode_loop(
-                lambda h: session.step(parts.pre_blocks(h)),
-                (parts.embed, parts.head),
-                prompt,
-                args.new_tokens,
+            swarm_decoder = (lambda h: session.step(parts.pre_blocks(h)), parts.embed, parts.head)
+            (prefill, steps), (local_prefill, local_steps) = _paired_decode(
+                [swarm_decoder, local_decoder()], prompt, args.new_tokens
             )
             remote = session.remote
             route = [f"{h.peer_id[-8:]}[{h.hop.start}:{h.hop.end}]" for h in remote.hops]
@@ -95,6 +127,8 @@ def _swarm_decode(
         "route": route,
         "prefill": prefill,
         "steps": steps,
+        "local_prefill": local_prefill,
+        "local_steps": local_steps,
         "verify_checks": checks,
         "pushed_steps": pushed,
         # where the time goes: per hop, client-observed minus server-reported (network, p2pd, framing); with
@@ -119,6 +153,7 @@ def bench_inference(args: argparse.Namespace) -> dict[str, Any]:
     prompt = torch.randint(0, vocab, (1, args.prompt_tokens))
     max_length = args.prompt_tokens + args.new_tokens
     runs: dict[str, dict[str, Any]] = {}
+    local = LocalCausalLM.from_pretrained(model_path)
     with link_swarm(args.link_delay_ms, args.link_mbps) as swarm:
         swarm.start_bootstrap()
         procs = [
@@ -128,36 +163,23 @@ def bench_inference(args: argparse.Namespace) -> dict[str, Any]:
         ]
         swarm.wait_ready(procs)
         for push in PUSH_MODES[args.push]:
-            runs["on" if push else "off"] = _swarm_decode(args, swarm, model_path, prompt, max_length, push)
-        local = LocalCausalLM.from_pretrained(model_path)
-        with torch.inference_mode():
-            cache = local.new_cache(1, max_length)
-            _decode_loop(
-                lambda h: local.span(local.client.pre_blocks(h), cache=cache),
-                (local.client.embed, local.client.head),
-                prompt,
-                2,
+            runs["on" if push else "off"] = _swarm_decode(
+                args, swarm, model_path, prompt, max_length, push, local
             )
-            cache = local.new_cache(1, max_length)
-            local_prefill, local_steps = _decode_loop(
-                lambda h: local.span(local.client.pre_blocks(h), cache=cache),
-                (local.client.embed, local.client.head),
-                prompt,
-                args.new_tokens,
-            )
-    local_step = statistics.median(local_steps)
     delay = args.link_delay_ms / 1000
-    # the physical floor of a step: the links it must cross plus the local compute. Relaying through the
-    # client crosses 2k one-way links for k servers; servers pushing to the next one cross k + 1.
-    relay_floor = local_step + 2 * len(spans) * delay
-    push_floor = local_step + (len(spans) + 1) * delay if len(spans) > 1 else relay_floor
     by_mode = {}
     for mode, run in runs.items():
-        step = statistics.median(run["steps"])
+        step, local_step = statistics.median(run["steps"]), statistics.median(run["local_steps"])
+        # the physical floor of a step: the links it must cross plus the local compute. Relaying through the
+        # client crosses 2k one-way links for k servers; servers pushing to the next one cross k + 1.
+        relay_floor = local_step + 2 * len(spans) * delay
+        push_floor = local_step + (len(spans) + 1) * delay if len(spans) > 1 else relay_floor
+        run.update(local_step=local_step, relay_floor=relay_floor, push_floor=push_floor)
         by_mode[mode] = {
             "step_ms": _ms(step),
             "step_mean_ms": _ms(statistics.mean(run["steps"])),
             "prefill_ms": _ms(run["prefill"]),
+            "local_step_ms": _ms(local_step),  # timed in turns with this mode's steps
             "step_over_push_floor": round(step / push_floor, 3),
             "step_over_relay_floor": round(step / relay_floor, 3),
             "step_ratio": round(step / local_step, 3),  # over the local step
@@ -169,7 +191,8 @@ def bench_inference(args: argparse.Namespace) -> dict[str, Any]:
         }
     first = next(iter(by_mode))  # the flat keys below describe this mode (push on, unless --push off)
     main = runs[first]
-    swarm_step = statistics.median(main["steps"])
+    swarm_step, local_step = statistics.median(main["steps"]), main["local_step"]
+    relay_floor, push_floor = main["relay_floor"], main["push_floor"]
     return {
         "bench": "inference",
         "model": model_path,
@@ -187,11 +210,11 @@ def bench_inference(args: argparse.Namespace) -> dict[str, Any]:
         "push": first,  # server-to-server push of the flat keys' run; "push_modes" has each mode
         "verify_checks": main["verify_checks"],
         "prefill_ms": _ms(main["prefill"]),
-        "local_prefill_ms": _ms(local_prefill),
+        "local_prefill_ms": _ms(main["local_prefill"]),
         "swarm_step_ms": _ms(swarm_step),
         "swarm_step_mean_ms": _ms(statistics.mean(main["steps"])),
         "local_step_ms": _ms(local_step),
-        "local_step_mean_ms": _ms(statistics.mean(local_steps)),
+        "local_step_mean_ms": _ms(statistics.mean(main["local_steps"])),
         "step_ratio": round(swarm_step / local_step, 3),
         "overhead_per_token_ms": _ms(swarm_step - local_step),
         "relay_floor_ms": _ms(relay_floor),

@@ -3,6 +3,11 @@
 One swarm, two phases on the same servers: a lone session, then ``--clients`` sessions started together (each
 with its own random prompt), either as threads of this process or as ``--processes`` (one client process per
 session). Each session generates greedily; we time every decode step (embeddings + swarm + LM head).
+
+The two phases alternate ``--rounds`` times and the ratios reported are the medians of each round's ratio: on a
+shared VM the speed of the cores drifts by tens of percent within a minute (``cpu_steal`` says how much time the
+hypervisor took), and a lone phase measured at another moment than its concurrent phase would compare two
+machines.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import multiprocessing as mp
 import os
 import socket
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -23,7 +29,9 @@ import psutil
 import torch
 
 from potluck.cli.bench import _even_spans, _ms
+from potluck.cli.errors import UsageError
 from potluck.cli.local_swarm import LocalSwarm
+from potluck.server.cpu_load import read_cpu_ticks
 
 
 def _session_run(model: Any, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float, list[float]]:
@@ -120,6 +128,7 @@ class _Usage:
 
     def __enter__(self) -> _Usage:
         self.cpu0, self.batches0, self.t0 = _tree_cpu_seconds(), self._batches(), time.perf_counter()
+        self.ticks0 = read_cpu_ticks()
         self.head0 = (self.head.calls, self.head.rows)
         return self
 
@@ -130,8 +139,12 @@ class _Usage:
             b - a for a, b in zip(self.batches0, self._batches(), strict=True)
         )
         head_calls, head_rows = self.head.calls - self.head0[0], self.head.rows - self.head0[1]
+        ticks = read_cpu_ticks()
+        steal = ticks.share_since(self.ticks0)[1] if ticks is not None and self.ticks0 is not None else None
         self.result = {
             "cpu_busy": round(cpu / (wall * (os.cpu_count() or 1)), 3),  # fraction of all cores' time in use
+            # fraction of all cores' time a hypervisor gave to other guests (None: not Linux)
+            "cpu_steal": round(steal, 3) if steal is not None else None,
             "server_batches": int(count),
             "sessions_per_server_batch": round(total / count, 2) if count else None,
             "server_batch_ms": _ms(seconds / count) if count else None,  # mean compute time of one batch
@@ -175,6 +188,8 @@ def bench_serve(args: argparse.Namespace) -> dict[str, Any]:
     from potluck.cli.sample_models import bench_model_path
     from potluck.models import load_config
 
+    if args.rounds < 1 or args.clients < 1:
+        raise UsageError(f"--rounds and --clients must be at least 1, got {args.rounds} and {args.clients}")
     model_path = args.model or bench_model_path()
     config = load_config(model_path)
     spans = _even_spans(int(config.num_hidden_layers), args.servers)
@@ -204,19 +219,18 @@ def bench_serve(args: argparse.Namespace) -> dict[str, Any]:
         try:
             _session_run(model, prompts[0][:, :8], 4)  # warm-up: routes, connections
             _SERVER_TIMES.clear()
-            with _Usage(ports, model.client.shared_head) as usage:
-                start, end, lone_steps = _session_run(model, prompts[0], args.new_tokens)
-            single = {**_summary([(start, end)], [lone_steps], args.new_tokens), **usage.result}
-            with _Usage(ports, model.client.shared_head) as usage:
-                if args.processes:
-                    many = _many_processes(
-                        model_path, swarm.initial_peers, prompts[1:], args.new_tokens, not args.no_prepack
+            rounds = []
+            for i in range(args.rounds):
+                if not args.json:
+                    print(
+                        f"round {i + 1}/{args.rounds}: 1 session, then {args.clients}",
+                        file=sys.stderr,
+                        flush=True,
                     )
-                else:
-                    many = _many_threads(model, prompts[1:], args.new_tokens)
-            many.update(usage.result)
+                rounds.append(_round(args, model, model_path, swarm.initial_peers, ports, prompts))
         finally:
             model.shutdown()
+    middle = sorted(rounds, key=lambda r: r["tokens_per_s_ratio"])[len(rounds) // 2]
     return {
         "bench": "serve",
         "model": model_path,
@@ -226,6 +240,45 @@ def bench_serve(args: argparse.Namespace) -> dict[str, Any]:
         "prompt_tokens": args.prompt_tokens,
         "prepacked": not args.no_prepack,
         "new_tokens": args.new_tokens,
+        "rounds": len(rounds),
+        # the round whose tokens/s ratio is the median one
+        "single": middle["single"],
+        "concurrent": middle["concurrent"],
+        # medians over the rounds of each round's ratio
+        **{
+            key: round(statistics.median(r[key] for r in rounds), 2)
+            for key in ("tokens_per_s_ratio", "step_p50_ratio", "worst_session_p50_ratio")
+        },
+        "per_round": [
+            {key: r[key] for key in ("tokens_per_s_ratio", "step_p50_ratio", "worst_session_p50_ratio")}
+            | {
+                "single_tokens_per_s": r["single"]["tokens_per_s"],
+                "concurrent_tokens_per_s": r["concurrent"]["tokens_per_s"],
+            }
+            for r in rounds
+        ],
+    }
+
+
+def _round(
+    args: argparse.Namespace,
+    model: Any,
+    model_path: str,
+    peers: list[str],
+    ports: list[int],
+    prompts: list[torch.Tensor],
+) -> dict[str, Any]:
+    """One lone phase, then one concurrent phase, on the same swarm."""
+    with _Usage(ports, model.client.shared_head) as usage:
+        start, end, lone_steps = _session_run(model, prompts[0], args.new_tokens)
+    single = {**_summary([(start, end)], [lone_steps], args.new_tokens), **usage.result}
+    with _Usage(ports, model.client.shared_head) as usage:
+        if args.processes:
+            many = _many_processes(model_path, peers, prompts[1:], args.new_tokens, not args.no_prepack)
+        else:
+            many = _many_threads(model, prompts[1:], args.new_tokens)
+    many.update(usage.result)
+    return {
         "single": single,
         "concurrent": many,
         "tokens_per_s_ratio": round(many["tokens_per_s"] / single["tokens_per_s"], 2),

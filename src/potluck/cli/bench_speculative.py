@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from typing import Any
 
@@ -35,6 +36,10 @@ def add_bench_draft_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--draft-blocks", type=int, default=None, help="keep only the draft's first N blocks")
     b.add_argument("--draft-seed", type=int, default=0, help="seed of the draft's noise")
     b.add_argument("--num-assistant-tokens", type=int, default=4, help="draft tokens per round to start with")
+    b.add_argument(
+        "--rounds", type=int, default=3,
+        help="with a draft: plain and speculative runs alternated this many times; speedups are their medians",
+    )  # fmt: skip
 
 
 def wants_draft(args: argparse.Namespace) -> bool:
@@ -56,6 +61,45 @@ def build_bench_draft(args: argparse.Namespace, model_path: str) -> Any:
     if args.draft_int8:
         return int8_draft(model, num_blocks=args.draft_blocks)
     return LocalDraft(model, num_blocks=args.draft_blocks)
+
+
+RUNS = ("plain", "draft")
+
+
+def _generate_run(
+    args: argparse.Namespace, model: Any, prompt: Any, draft: Any, name: str, outputs: dict[str, list[Any]]
+) -> dict[str, Any]:
+    """One ``generate`` through the swarm, plain or with the draft; its tokens go to ``outputs[name]``."""
+    from potluck.client.speculative import SpeculationStats
+
+    clock, stats = _Clock(), SpeculationStats()
+    speculation: dict[str, Any] = {}
+    if name == "draft":
+        speculation = dict(
+            assistant_model=draft, num_assistant_tokens=args.num_assistant_tokens, speculation_stats=stats
+        )
+    t0 = time.perf_counter()
+    outputs[name].append(
+        model.generate(
+            prompt, max_new_tokens=args.new_tokens, eos_token_id=None, streamer=clock, **speculation
+        )
+    )
+    total = time.perf_counter() - t0
+    run: dict[str, Any] = {
+        "seconds": round(total, 3),
+        "tokens_per_s": round(args.new_tokens / total, 3),
+        "decode_tokens_per_s": round(clock.decode_rate(), 3),
+        "decode_ms_per_round_trip": round(1000 / max(clock.decode_rate(), 1e-9), 2),
+    }
+    if name == "draft":
+        run.update(stats.as_dict())
+        # a round is (a round trip + checking the proposals) + drafting them
+        run["decode_ms_per_round_trip"] = round(
+            stats.round_ms + stats.draft_ms_per_token * stats.drafted / max(stats.rounds, 1), 2
+        )
+        gaps = [b - a for a, b in zip(clock.times[1:], clock.times[2:], strict=False)]
+        run["median_token_gap_ms"] = round(statistics.median(gaps) * 1000, 3)
+    return run
 
 
 class _Clock:
@@ -80,9 +124,9 @@ def bench_inference_with_draft(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from potluck.cli.bench import _even_spans, bench_client
+    from potluck.cli.errors import UsageError
     from potluck.cli.local_swarm import link_swarm
     from potluck.cli.sample_models import bench_model_path
-    from potluck.client.speculative import SpeculationStats
     from potluck.models import load_config
 
     model_path = args.model or bench_model_path()
@@ -90,9 +134,11 @@ def bench_inference_with_draft(args: argparse.Namespace) -> dict[str, Any]:
     spans = _even_spans(int(config.num_hidden_layers), args.servers)
     torch.manual_seed(0)
     prompt = torch.randint(0, int(config.vocab_size), (1, args.prompt_tokens))
+    if args.rounds < 1:
+        raise UsageError(f"--rounds must be at least 1, got {args.rounds}")
     draft = build_bench_draft(args, model_path)
-    runs: dict[str, dict[str, Any]] = {}
-    outputs: dict[str, torch.Tensor] = {}
+    rounds: list[dict[str, Any]] = []
+    outputs: dict[str, list[torch.Tensor]] = {name: [] for name in RUNS}
     with link_swarm(args.link_delay_ms, args.link_mbps) as swarm:
         swarm.start_bootstrap()
         procs = [
@@ -101,34 +147,24 @@ def bench_inference_with_draft(args: argparse.Namespace) -> dict[str, Any]:
         swarm.wait_ready(procs)
         with bench_client(args, model_path, swarm.initial_peers) as model:
             model.generate(prompt[:, :8], max_new_tokens=2, eos_token_id=None)  # warm up routes and servers
-            for name in ("plain", "draft"):
-                clock, stats = _Clock(), SpeculationStats()
-                speculation: dict[str, Any] = {}
-                if name == "draft":
-                    speculation = dict(
-                        assistant_model=draft,
-                        num_assistant_tokens=args.num_assistant_tokens,
-                        speculation_stats=stats,
+            # plain and speculative runs take turns: on a shared VM the cores' speed drifts within a minute,
+            # and a ratio of two runs minutes apart would compare two machines
+            for i in range(args.rounds):
+                if not args.json:
+                    print(
+                        f"round {i + 1}/{args.rounds}: plain, then with the draft",
+                        file=sys.stderr,
+                        flush=True,
                     )
-                t0 = time.perf_counter()
-                outputs[name] = model.generate(
-                    prompt, max_new_tokens=args.new_tokens, eos_token_id=None, streamer=clock, **speculation
+                rounds.append(
+                    {name: _generate_run(args, model, prompt, draft, name, outputs) for name in RUNS}
                 )
-                total = time.perf_counter() - t0
-                runs[name] = {
-                    "seconds": round(total, 3),
-                    "tokens_per_s": round(args.new_tokens / total, 3),
-                    "decode_tokens_per_s": round(clock.decode_rate(), 3),
-                    "decode_ms_per_round_trip": round(1000 / max(clock.decode_rate(), 1e-9), 2),
-                }
-                if name == "draft":
-                    runs[name].update(stats.as_dict())
-                    # a round is (a round trip + checking the proposals) + drafting them
-                    runs[name]["decode_ms_per_round_trip"] = round(
-                        stats.round_ms + stats.draft_ms_per_token * stats.drafted / max(stats.rounds, 1), 2
-                    )
-                    gaps = [b - a for a, b in zip(clock.times[1:], clock.times[2:], strict=False)]
-                    runs[name]["median_token_gap_ms"] = round(statistics.median(gaps) * 1000, 3)
+    for pair in rounds:
+        pair["speedup"] = round(pair["draft"]["tokens_per_s"] / pair["plain"]["tokens_per_s"], 3)
+        pair["decode_speedup"] = round(
+            pair["draft"]["decode_tokens_per_s"] / max(pair["plain"]["decode_tokens_per_s"], 1e-9), 3
+        )
+    runs = sorted(rounds, key=lambda pair: pair["speedup"])[len(rounds) // 2]  # the median round
     plain, spec = runs["plain"], runs["draft"]
     return {
         "bench": "inference_speculative",
@@ -157,8 +193,18 @@ def bench_inference_with_draft(args: argparse.Namespace) -> dict[str, Any]:
         ],  # a target step of k + 1 positions (vs plain's decode_ms_per_round_trip)
         "tokens_per_s_plain": plain["tokens_per_s"],
         "tokens_per_s_draft": spec["tokens_per_s"],
-        "speedup": round(spec["tokens_per_s"] / plain["tokens_per_s"], 3),
-        "decode_speedup": round(spec["decode_tokens_per_s"] / max(plain["decode_tokens_per_s"], 1e-9), 3),
-        "outputs_equal": bool(torch.equal(outputs["plain"], outputs["draft"])),
+        "rounds": len(rounds),
+        # medians over the rounds of each round's ratio ("plain" and "speculative" are the median round's runs)
+        "speedup": round(statistics.median(pair["speedup"] for pair in rounds), 3),
+        "decode_speedup": round(statistics.median(pair["decode_speedup"] for pair in rounds), 3),
+        "per_round": [
+            {key: pair[key] for key in ("speedup", "decode_speedup")}
+            | {f"tokens_per_s_{name}": pair[name]["tokens_per_s"] for name in RUNS}
+            for pair in rounds
+        ],
+        # every run, plain or speculative, produced the same tokens
+        "outputs_equal": all(
+            torch.equal(outputs["plain"][0], out) for runs in outputs.values() for out in runs
+        ),
         "torch_threads": torch.get_num_threads(),
     }

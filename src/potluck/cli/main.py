@@ -276,6 +276,10 @@ def build_parser() -> PotluckParser:
     b.add_argument("--prompt-tokens", type=int, default=128, help="prompt length of each session")
     b.add_argument("--new-tokens", type=int, default=64, help="tokens each session generates")
     b.add_argument(
+        "--rounds", type=int, default=3,
+        help="lone/concurrent phase pairs, alternated; the ratios are their medians (robust to a noisy machine)",
+    )  # fmt: skip
+    b.add_argument(
         "--no-prepack", action="store_true",
         help="servers and client keep fp32 CPU weights in PyTorch's layout (default: prepacked for oneDNN)",
     )  # fmt: skip
