@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -57,6 +59,25 @@ def _paired_decode(
             logits[i] = head(step(embed(next_id)))[:, -1]
             results[i][1].append(time.perf_counter() - t0)
     return results
+
+
+def alternated_rounds(
+    args: argparse.Namespace, what: str, run_round: Callable[[], dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """``args.rounds`` results of ``run_round`` (each measures both things a benchmark compares, in turns), with
+    progress on stderr unless ``--json``. A ratio of two phases minutes apart on a shared VM would compare two
+    machines: the cores' speed drifts by tens of percent within a minute."""
+    rounds = []
+    for i in range(args.rounds):
+        if not args.json:
+            print(f"round {i + 1}/{args.rounds}: {what}", file=sys.stderr, flush=True)
+        rounds.append(run_round())
+    return rounds
+
+
+def median_round(rounds: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """The round whose ``key`` is the median one (the upper median for an even count)."""
+    return sorted(rounds, key=lambda r: float(r[key]))[len(rounds) // 2]
 
 
 def bench_client(args: argparse.Namespace, model_path: str, initial_peers: Any, **config: Any) -> Any:

@@ -18,7 +18,6 @@ import multiprocessing as mp
 import os
 import socket
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -28,7 +27,7 @@ from typing import Any
 import psutil
 import torch
 
-from potluck.cli.bench import _even_spans, _ms
+from potluck.cli.bench import _even_spans, _ms, alternated_rounds, median_round
 from potluck.cli.errors import UsageError
 from potluck.cli.local_swarm import LocalSwarm
 from potluck.server.cpu_load import read_cpu_ticks
@@ -219,18 +218,14 @@ def bench_serve(args: argparse.Namespace) -> dict[str, Any]:
         try:
             _session_run(model, prompts[0][:, :8], 4)  # warm-up: routes, connections
             _SERVER_TIMES.clear()
-            rounds = []
-            for i in range(args.rounds):
-                if not args.json:
-                    print(
-                        f"round {i + 1}/{args.rounds}: 1 session, then {args.clients}",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                rounds.append(_round(args, model, model_path, swarm.initial_peers, ports, prompts))
+            rounds = alternated_rounds(
+                args,
+                f"1 session, then {args.clients}",
+                lambda: _round(args, model, model_path, swarm.initial_peers, ports, prompts),
+            )
         finally:
             model.shutdown()
-    middle = sorted(rounds, key=lambda r: r["tokens_per_s_ratio"])[len(rounds) // 2]
+    middle = median_round(rounds, "tokens_per_s_ratio")
     return {
         "bench": "serve",
         "model": model_path,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from typing import Any
 
@@ -123,7 +122,7 @@ class _Clock:
 def bench_inference_with_draft(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from potluck.cli.bench import _even_spans, bench_client
+    from potluck.cli.bench import _even_spans, alternated_rounds, bench_client, median_round
     from potluck.cli.errors import UsageError
     from potluck.cli.local_swarm import link_swarm
     from potluck.cli.sample_models import bench_model_path
@@ -137,7 +136,6 @@ def bench_inference_with_draft(args: argparse.Namespace) -> dict[str, Any]:
     if args.rounds < 1:
         raise UsageError(f"--rounds must be at least 1, got {args.rounds}")
     draft = build_bench_draft(args, model_path)
-    rounds: list[dict[str, Any]] = []
     outputs: dict[str, list[torch.Tensor]] = {name: [] for name in RUNS}
     with link_swarm(args.link_delay_ms, args.link_mbps) as swarm:
         swarm.start_bootstrap()
@@ -147,24 +145,17 @@ def bench_inference_with_draft(args: argparse.Namespace) -> dict[str, Any]:
         swarm.wait_ready(procs)
         with bench_client(args, model_path, swarm.initial_peers) as model:
             model.generate(prompt[:, :8], max_new_tokens=2, eos_token_id=None)  # warm up routes and servers
-            # plain and speculative runs take turns: on a shared VM the cores' speed drifts within a minute,
-            # and a ratio of two runs minutes apart would compare two machines
-            for i in range(args.rounds):
-                if not args.json:
-                    print(
-                        f"round {i + 1}/{args.rounds}: plain, then with the draft",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                rounds.append(
-                    {name: _generate_run(args, model, prompt, draft, name, outputs) for name in RUNS}
-                )
+            rounds = alternated_rounds(
+                args,
+                "plain, then with the draft",
+                lambda: {name: _generate_run(args, model, prompt, draft, name, outputs) for name in RUNS},
+            )
     for pair in rounds:
         pair["speedup"] = round(pair["draft"]["tokens_per_s"] / pair["plain"]["tokens_per_s"], 3)
         pair["decode_speedup"] = round(
             pair["draft"]["decode_tokens_per_s"] / max(pair["plain"]["decode_tokens_per_s"], 1e-9), 3
         )
-    runs = sorted(rounds, key=lambda pair: pair["speedup"])[len(rounds) // 2]  # the median round
+    runs = median_round(rounds, "speedup")
     plain, spec = runs["plain"], runs["draft"]
     return {
         "bench": "inference_speculative",
