@@ -48,9 +48,8 @@ def _paired_decode(
     results: list[tuple[float, list[float]]] = []
     for step, embed, head in decoders:
         t0 = time.perf_counter()
-        logits.append(
-            head(step(embed(first_ids))[:, -1:])[:, -1]
-        )  # [B, V]: the last position, as generate() does
+        # [B, V]: the LM head over the last position only, as generate() does
+        logits.append(head(step(embed(first_ids))[:, -1:])[:, -1])
         results.append((time.perf_counter() - t0, []))
     for _ in range(new_tokens - 1):
         for i, (step, embed, head) in enumerate(decoders):
