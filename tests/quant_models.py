@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from potluck.models.quant import keep_nf4_in_compute_dtype
+
 QUANT_VOCAB = 256
 
 
@@ -47,7 +49,11 @@ def bnb_config(quant: str, dtype: torch.dtype = torch.float32) -> Any:
 def hf_quantized(path: str, quant: str, dtype: torch.dtype = torch.float32) -> Any:
     import transformers
 
-    return transformers.AutoModelForCausalLM.from_pretrained(
+    model = transformers.AutoModelForCausalLM.from_pretrained(
         path, quantization_config=bnb_config(quant, dtype), dtype=dtype, device_map="cpu",
         attn_implementation="eager",
     ).eval()  # fmt: skip
+    # the oracle computes in the compute dtype it was given, as our spans do (not bitsandbytes' bf16 CPU kernel:
+    # see keep_nf4_in_compute_dtype)
+    keep_nf4_in_compute_dtype(model)
+    return model

@@ -79,6 +79,7 @@ def quantize_linear(
             weight.to(device), requires_grad=False, blocksize=NF4_BLOCKSIZE, compress_statistics=False,
             quant_type="nf4", quant_storage=torch.uint8, module=new,
         ).to(device)  # fmt: skip
+        keep_nf4_in_compute_dtype(new)
     else:
         raise QuantizationError(f"cannot quantize a linear layer to {mode!r}")
     if has_bias:
@@ -88,6 +89,25 @@ def quantize_linear(
         )
     new.requires_grad_(False)
     return new
+
+
+def keep_nf4_in_compute_dtype(module: nn.Module) -> int:
+    """Turn off bitsandbytes' fused bf16 NF4 kernel for CPU inference in every fp32 ``Linear4bit`` of ``module``;
+    returns how many.
+
+    Why: on CPUs with AVX512-BF16, bitsandbytes (0.50) repacks a ``Linear4bit``'s weight at its first inference
+    call and from then on computes every call, training included, in bf16, whatever the compute dtype. Results
+    then depend on the rows of the call (measured on an Intel Xeon: logits differ by up to 0.018 between a 24-row
+    and a 2-row call), so a session's tokens would depend on which other sessions share its batch, and a step would
+    differ from the same tokens in a prefill. fp32 spans keep bitsandbytes' fp32 path (dequantize, then matmul),
+    as on every other CPU.
+    """
+    count = 0
+    for layer in module.modules():
+        if type(layer).__name__ == "Linear4bit" and getattr(layer, "compute_dtype", None) == torch.float32:
+            setattr(layer, "support_avx512bf16_for_cpu", False)  # noqa: B010 - an attribute nn.Module does not declare
+            count += 1
+    return count
 
 
 def _linear_paths(module: nn.Module) -> list[str]:
