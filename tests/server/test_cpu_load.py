@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from potluck.server import runtime
-from potluck.server.cpu_load import CpuTicks, IdleCores, read_cpu_ticks
+from potluck.server.cpu_load import CpuTicks, IdleCores, read_cpu_ticks, steal_share
 
 
 def _stat(path: Path, user: int, idle: int, steal: int) -> None:
@@ -25,6 +25,8 @@ def test_ticks_and_shares(tmp_path: Path) -> None:
     assert second is not None
     assert second.share_since(first) == pytest.approx((0.2, 0.3))
     assert second.share_since(second) == (0.0, 0.0)  # no time passed: no division by zero
+    assert steal_share(first, second) == pytest.approx(0.3)
+    assert steal_share(None, second) is None and steal_share(first, None) is None
 
 
 @pytest.mark.parametrize("content", ["", "intr 1 2 3\n", "cpu 1 2 x 4 5 6 7 8\n", "cpu 1 2\n"])

@@ -30,7 +30,7 @@ import torch
 from potluck.cli.bench import _even_spans, _ms, alternated_rounds, median_round
 from potluck.cli.errors import UsageError
 from potluck.cli.local_swarm import LocalSwarm
-from potluck.server.cpu_load import read_cpu_ticks
+from potluck.server.cpu_load import read_cpu_ticks, steal_share
 
 
 def _session_run(model: Any, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float, list[float]]:
@@ -138,8 +138,7 @@ class _Usage:
             b - a for a, b in zip(self.batches0, self._batches(), strict=True)
         )
         head_calls, head_rows = self.head.calls - self.head0[0], self.head.rows - self.head0[1]
-        ticks = read_cpu_ticks()
-        steal = ticks.share_since(self.ticks0)[1] if ticks is not None and self.ticks0 is not None else None
+        steal = steal_share(self.ticks0, read_cpu_ticks())
         self.result = {
             "cpu_busy": round(cpu / (wall * (os.cpu_count() or 1)), 3),  # fraction of all cores' time in use
             # fraction of all cores' time a hypervisor gave to other guests (None: not Linux)

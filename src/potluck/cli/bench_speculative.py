@@ -195,7 +195,7 @@ def bench_inference_with_draft(args: argparse.Namespace) -> dict[str, Any]:
         ],
         # every run, plain or speculative, produced the same tokens
         "outputs_equal": all(
-            torch.equal(outputs["plain"][0], out) for runs in outputs.values() for out in runs
+            torch.equal(outputs["plain"][0], out) for outs in outputs.values() for out in outs
         ),
         "torch_threads": torch.get_num_threads(),
     }

@@ -292,7 +292,7 @@ def bench(args: argparse.Namespace) -> int:
     from potluck.cli.bench_channel import bench_channel
     from potluck.cli.bench_serve import bench_serve
     from potluck.cli.bench_speculative import bench_inference_with_draft, wants_draft
-    from potluck.server.cpu_load import read_cpu_ticks
+    from potluck.server.cpu_load import read_cpu_ticks, steal_share
 
     runners = {
         "inference": bench_inference_with_draft if wants_draft(args) else bench_mod.bench_inference,
@@ -307,11 +307,11 @@ def bench(args: argparse.Namespace) -> int:
         runners["inference"] = bench_inference_quant
     before = read_cpu_ticks()
     result = runners[args.bench](args)
-    after = read_cpu_ticks()
-    if before is not None and after is not None:
+    steal = steal_share(before, read_cpu_ticks())
+    if steal is not None:
         # share of the cores' time a hypervisor gave to other guests during the run: figures taken at 0.3 come
         # from a machine a third slower than the same run at 0.0
-        result["cpu_steal"] = round(after.share_since(before)[1], 3)
+        result["cpu_steal"] = round(steal, 3)
     text = json.dumps(result, indent=None if args.json else 2)
     print(text)
     with contextlib.suppress(Exception):

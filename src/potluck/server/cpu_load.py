@@ -48,6 +48,13 @@ def read_cpu_ticks(path: str = PROC_STAT) -> CpuTicks | None:
     )
 
 
+def steal_share(before: CpuTicks | None, after: CpuTicks | None) -> float | None:
+    """Share of all cores' time the hypervisor gave to other guests between two samples (None: not known)."""
+    if before is None or after is None:
+        return None
+    return after.share_since(before)[1]
+
+
 def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
