@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 from scipy import stats as scipy_stats
 
 from potluck.client.generation import GenerationParams, generate_tokens
+from potluck.client.lookahead import Lookahead, TrackedDraft, draft_branches
 from potluck.client.speculative import (
     DraftLengthController,
     LocalDraft,
@@ -154,12 +156,31 @@ def _plain(model: LocalCausalLM, prompt: torch.Tensor, params: GenerationParams)
     return generate_tokens(lambda ids: runner.run(ids, runner.length)[:, -1], prompt, params)
 
 
+class _RoundTrip:
+    """A local target that answers after ``seconds``, like a swarm over a WAN (the draft's time to look ahead)."""
+
+    def __init__(self, runner: SpanRunner, seconds: float) -> None:
+        self.runner, self.seconds = runner, seconds
+
+    @property
+    def length(self) -> int:
+        return self.runner.length
+
+    def run(self, ids: torch.Tensor, position: int, num_logits: int | None = None) -> torch.Tensor:
+        time.sleep(self.seconds)
+        return self.runner.run(ids, position, num_logits)
+
+    def rollback(self, length: int) -> None:
+        self.runner.rollback(length)
+
+
 def _speculative(
     target: LocalCausalLM, draft: Any, prompt: torch.Tensor, params: GenerationParams, k: int = 3, **kw: Any
 ) -> tuple[torch.Tensor, SpeculationStats]:
     stats = SpeculationStats()
+    runner = SpanRunner(target.client, target.span, 64)
     out = speculative_generate(
-        SpanRunner(target.client, target.span, 64),
+        _RoundTrip(runner, kw.pop("round_trip_s")) if "round_trip_s" in kw else runner,
         draft.runner(64),
         prompt,
         params,
@@ -242,10 +263,10 @@ def test_drafting_ahead_during_the_round_trip_keeps_greedy_exact(tiny_vocab_mode
     params = GenerationParams(max_new_tokens=24)  # 6 rounds of k=3 proposals + 1
     expected = _plain(tiny_vocab_model, prompt, params)
     perfect, perfect_stats = _speculative(
-        tiny_vocab_model, LocalDraft(tiny_vocab_model), prompt, params, adaptive=False
+        tiny_vocab_model, LocalDraft(tiny_vocab_model), prompt, params, adaptive=False, round_trip_s=0.2
     )
     noisy_draft = LocalDraft(add_weight_noise(copy.deepcopy(tiny_vocab_model), 1.0, seed=4))
-    noisy, noisy_stats = _speculative(tiny_vocab_model, noisy_draft, prompt, params)
+    noisy, noisy_stats = _speculative(tiny_vocab_model, noisy_draft, prompt, params, round_trip_s=0.05)
     plain, plain_stats = _speculative(
         tiny_vocab_model, LocalDraft(tiny_vocab_model), prompt, params, adaptive=False, lookahead=False
     )
@@ -262,3 +283,54 @@ def test_sampling_never_drafts_ahead(tiny_vocab_model: LocalCausalLM) -> None:
         generator=torch.Generator().manual_seed(0),
     )  # fmt: skip
     assert stats.rounds > 0 and stats.lookahead_rounds == 0 and stats.lookahead_seconds == 0
+
+
+def _greedy_chain(model: LocalCausalLM, sequence: torch.Tensor, n: int) -> list[int]:
+    """The model's own greedy continuation of ``sequence [1, L]``, recomputed from scratch at every token."""
+    tokens: list[int] = []
+    with torch.inference_mode():
+        for _ in range(n):
+            tokens.append(int(model(input_ids=sequence).logits[0, -1].argmax()))
+            sequence = torch.cat([sequence, torch.tensor([[tokens[-1]]])], dim=1)
+    return tokens
+
+
+def test_tracked_draft_continues_any_sequence_exactly(tiny_vocab_model: LocalCausalLM) -> None:
+    """Switching between branches that share a prefix gives the logits of a fresh forward pass every time."""
+    tracked = TrackedDraft(LocalDraft(tiny_vocab_model).runner(64), vocab_size=8)
+    for ids in (
+        [3, 1, 4, 1, 5],
+        [3, 1, 4, 1, 5, 2, 6],
+        [3, 1, 4, 7],
+        [3, 1, 4, 7, 7, 0],
+        [2, 2],
+        [3, 1, 4, 7, 7],
+    ):
+        sequence = torch.tensor([ids])
+        with torch.inference_mode():
+            expected = tiny_vocab_model(input_ids=sequence).logits[0, -1]
+        torch.testing.assert_close(tracked.next_logits(sequence), expected, rtol=1e-4, atol=1e-4)
+        assert tracked.tokens == ids
+
+
+def test_lookahead_drafts_the_chain_and_the_second_choices(tiny_vocab_model: LocalCausalLM) -> None:
+    """Branch 1 continues the draft's own chain; branch j replaces proposal j by the draft's second choice; each
+    branch's proposals are the draft's greedy continuation. Once stopped, the worker drafts nothing more."""
+    length, k = 5, 3
+    extended = torch.tensor([[3, 1, 4, 1, 5, 2, 6]])  # a sequence of 5 tokens + 2 proposals
+    alternatives = [7, 0]
+    tracked = TrackedDraft(LocalDraft(tiny_vocab_model).runner(64), vocab_size=8)
+    out = Lookahead()
+    draft_branches(tracked, extended, length, alternatives, k, lambda _, logits: logits, set(), out)
+    guess, *chain = _greedy_chain(tiny_vocab_model, extended, k + 1)
+    first = out.match(2, guess)
+    assert first is not None and first.proposals == chain and len(first.alternatives) == k
+    for j, alternative in enumerate(alternatives):
+        branch = out.match(j, alternative)
+        forked = torch.cat([extended[:, : length + j], torch.tensor([[alternative]])], dim=1)
+        assert branch is not None and branch.proposals == _greedy_chain(tiny_vocab_model, forked, k)
+    assert len(out) == 3
+    stopped = Lookahead()
+    stopped.stop()
+    draft_branches(tracked, extended, length, alternatives, k, lambda _, logits: logits, set(), stopped)
+    assert len(stopped) == 0  # the target answered before the worker started: nothing more is drafted

@@ -13,7 +13,7 @@ trip yields between 1 and ``k + 1`` tokens:
 
 Rejected positions are rolled back on the servers (the next step starts at the accepted length; a position below
 a server's cache length rolls that cache back) and dropped from the client's per-hop input history, so a failover
-replays only accepted positions. The draft's own cache is rolled back the same way. ``k`` adapts to the measured
+replays only accepted positions. The draft's cache is tracked by content (``client/lookahead.py``). ``k`` adapts to the measured
 acceptance rate and to the draft's cost relative to a round trip (:class:`DraftLengthController`).
 
 Batch size 1 only (rows would accept different numbers of tokens), as in transformers' assisted generation.
@@ -21,12 +21,10 @@ Batch size 1 only (rows would accept different numbers of tokens), as in transfo
 
 from __future__ import annotations
 
-import contextlib
-import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -45,6 +43,14 @@ from potluck.client.drafts import (  # re-exported: drafts were defined here fir
     load_draft,
 )
 from potluck.client.generation import GenerationParams, build_logits_processors, build_stopping_criteria
+from potluck.client.lookahead import (
+    Branch,
+    Lookahead,
+    TrackedDraft,
+    draft_branches,
+    greedy_choices,
+    lower_thread_priority,
+)
 
 __all__ = [
     "CachedLM",
@@ -148,10 +154,18 @@ class DraftLengthController:
         return self._kept / self._trials
 
     def update(
-        self, proposed: int, kept: int, draft_seconds: float, target_seconds: float, timed: bool = True
+        self,
+        proposed: int,
+        kept: int,
+        draft_seconds: float,
+        target_seconds: float,
+        timed: bool = True,
+        drafted: int | None = None,
     ) -> None:
         """Count a round; ``timed=False`` keeps its seconds out of the cost model (a round that also sent
-        the prompt)."""
+        the prompt). ``drafted``: proposals drafted in ``draft_seconds`` (default all; proposals drafted ahead
+        during the last round trip cost the round nothing, yet ``k`` is priced as if each proposal were drafted
+        on the critical path, as it is whenever the target's answer was not one of the branches)."""
         if proposed <= 0:
             return
         rejected = 1.0 if kept < proposed else 0.0
@@ -159,10 +173,12 @@ class DraftLengthController:
         self._trials = self.decay * self._trials + kept + rejected
         if timed:
             self._rounds.append((proposed, target_seconds))
-            token_s = draft_seconds / proposed
-            self._draft_token_s = (
-                token_s if self._draft_token_s is None else 0.7 * self._draft_token_s + 0.3 * token_s
-            )
+            drafted = proposed if drafted is None else drafted
+            if drafted > 0:
+                token_s = draft_seconds / drafted
+                self._draft_token_s = (
+                    token_s if self._draft_token_s is None else 0.7 * self._draft_token_s + 0.3 * token_s
+                )
         if self.adaptive and self._rounds and self._draft_token_s is not None:
             base, per_position = self.round_cost()
             self.k = self.best_k(
@@ -256,76 +272,6 @@ class SpeculationStats:
 # --- the loop ----------------------------------------------------------------------------------------------
 
 
-def _fit_vocab(logits: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Draft logits on the target's vocabulary: ids past a smaller draft vocabulary get -inf."""
-    if logits.shape[-1] == vocab:
-        return logits
-    if logits.shape[-1] > vocab:
-        return logits[..., :vocab]
-    pad = logits.new_full((*logits.shape[:-1], vocab - logits.shape[-1]), float("-inf"))
-    return torch.cat([logits, pad], dim=-1)
-
-
-_threads_lock = threading.Lock()
-_one_thread_users = 0  # generations inside _one_thread now (the API runs several at once)
-_saved_threads = 0
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """One-token draft steps are latency- and memory-bound: like the servers' decode steps, they run on one
-    thread, so OpenMP workers waiting on cores that other processes hold cannot stall them. The thread count
-    is process-wide: the first of overlapping users saves it and the last one restores it."""
-    global _one_thread_users, _saved_threads
-    with _threads_lock:
-        if _one_thread_users == 0:
-            _saved_threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-        _one_thread_users += 1
-    try:
-        yield
-    finally:
-        with _threads_lock:
-            _one_thread_users -= 1
-            if _one_thread_users == 0:
-                torch.set_num_threads(_saved_threads)
-
-
-@dataclass
-class _Lookahead:
-    """Proposals for the next round, made while the swarm checks this one (greedy only, see below)."""
-
-    guess: int  # the draft's guess of the token the target adds after accepting every proposal
-    proposals: list[int]  # what the draft proposes after that guess
-    seconds: float
-
-
-def _look_ahead(
-    draft: CachedLM,
-    extended: torch.Tensor,
-    k: int,
-    scores_after: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    vocab_size: int,
-    eos_ids: set[int],
-) -> _Lookahead:
-    """Greedy drafting past ``extended [1, L]`` (the sequence with this round's proposals), assuming the target
-    keeps them all: the guess of its next token, then ``k`` proposals after it. Runs on a worker thread during
-    the round trip; the draft's cache then holds these positions, and rolling back to the accepted length (as
-    after every round) drops them when the guess was wrong."""
-    t0 = time.perf_counter()
-    tokens: list[int] = []
-    sequence = extended
-    with torch.no_grad(), _one_thread():
-        for i in range(k + 1):
-            logits = draft.run(sequence[:, -1:], sequence.shape[1] - 1, num_logits=1)[0, -1]  # [V_draft]
-            token = int(scores_after(sequence, _fit_vocab(logits, vocab_size)).argmax())
-            tokens.append(token)
-            sequence = torch.cat([sequence, torch.tensor([[token]])], dim=1)
-            if token in eos_ids or i == k:
-                break
-    return _Lookahead(tokens[0], tokens[1:], time.perf_counter() - t0)
-
-
 @torch.no_grad()
 def speculative_generate(
     target: CachedLM,
@@ -344,10 +290,10 @@ def speculative_generate(
 ) -> torch.Tensor:
     """Generate like :func:`potluck.client.generation.generate_tokens`, several tokens per target step.
 
-    ``lookahead`` (greedy only): while the swarm checks a round, the draft keeps going on a worker thread as if
-    the target kept every proposal and added the draft's own next token; when it did, the next round's proposals
-    are ready without drafting time (over a WAN the draft otherwise runs between round trips, idle time for the
-    link). Sampling does not look ahead: its proposals draw from ``generator``, whose order must not change.
+    ``lookahead`` (greedy only): while the swarm checks a round, the draft prepares the next round's proposals
+    for the target's likeliest answers on a worker thread (``client/lookahead.py``); when one of them is the
+    answer, the next round needs no drafting on the critical path (over a WAN the draft otherwise runs between
+    round trips, idle time for the link).
 
     ``target`` may already hold a prefix of ``input_ids`` (an inference session continuing); ``draft`` starts
     empty or holds a prefix too. On return the target holds every token but the last, as after plain generation.
@@ -363,6 +309,7 @@ def speculative_generate(
     eos_ids = set(params.eos_ids() or [])
     budget = params.num_new_tokens(input_ids.shape[1])
     sequence = input_ids.cpu()  # [1, L]
+    tracked = TrackedDraft(draft, vocab_size)
     if streamer is not None:
         streamer.put(sequence)
 
@@ -374,43 +321,42 @@ def speculative_generate(
     target_length = min(target.length, sequence.shape[1] - 1)  # the last known token is always re-fed
     produced, done = 0, False
     worker = (
-        ThreadPoolExecutor(1, thread_name_prefix="potluck-draft")
+        ThreadPoolExecutor(1, thread_name_prefix="potluck-draft", initializer=lower_thread_priority)
         if lookahead and not params.do_sample
         else None
     )
-    ready: list[int] | None = None  # proposals made ahead for this round
-    ready_seconds = 0.0  # what making them cost the draft
+    lookaheads: list[Lookahead] = []
+    ready: Branch | None = None  # this round's proposals, drafted during the last round trip
+    pending: Future[None] | None = None  # the worker's drafting, until the draft is the loop's again
     try:
         while produced < budget and not done:
             length = sequence.shape[1]
             k = min(controller.k, budget - produced - 1)  # room for the token the target adds itself
-            # 1. the draft proposes up to k tokens (or made them during the last round trip)
-            t0 = time.perf_counter()
-            drafts: list[int] = []
+            # 1. the draft proposes up to k tokens: those made ahead, then (on the critical path) the rest
+            drafts = ready.proposals[:k] if ready is not None and k > 0 else []
+            drafted_ahead = len(drafts)
+            alternatives = ready.alternatives[: len(drafts)] if ready is not None else []
+            stats.lookahead_rounds += int(bool(drafts))
             draft_probs: list[torch.Tensor] = []
-            extended = sequence
-            used_ahead, ahead_seconds = ready is not None and k > 0, ready_seconds
-            if ready is not None and k > 0:
-                drafts = ready[:k]
-                extended = torch.cat([sequence, torch.tensor([drafts], dtype=sequence.dtype)], dim=1)
-                stats.lookahead_rounds += 1
-            elif k > 0:
-                start = min(draft.length, length - 1)
-                logits = draft.run(sequence[:, start:], start, num_logits=1)[0, -1]  # [V_draft]
-                for i in range(k):
-                    scores = scores_after(extended, _fit_vocab(logits, vocab_size))  # [V]
+            extended = torch.cat([sequence, torch.tensor([drafts], dtype=sequence.dtype)], dim=1)
+            t0 = time.perf_counter()
+            if len(drafts) < k and not (drafts and drafts[-1] in eos_ids):
+                if pending is not None:
+                    pending.result()  # the worker still drafts another branch: the draft is needed here
+                    pending = None
+                while len(drafts) < k:
+                    scores = scores_after(extended, tracked.next_logits(extended))  # [V]
                     if params.do_sample:
                         probs = torch.softmax(scores, dim=-1)  # [V]
-                        token = int(torch.multinomial(probs, 1, generator=generator))
+                        token, second = int(torch.multinomial(probs, 1, generator=generator)), -1
                         draft_probs.append(probs)
                     else:
-                        token = int(scores.argmax())
+                        token, second = greedy_choices(scores)
                     drafts.append(token)
+                    alternatives.append(second)
                     extended = torch.cat([extended, torch.tensor([[token]])], dim=1)
-                    if token in eos_ids or i == k - 1:
+                    if token in eos_ids:
                         break
-                    with _one_thread():
-                        logits = draft.run(extended[:, -1:], extended.shape[1] - 1, num_logits=1)[0, -1]
             draft_seconds = time.perf_counter() - t0
             # 2. the target checks the last known token + the proposals in one step; the draft looks ahead
             t0 = time.perf_counter()
@@ -418,17 +364,19 @@ def speculative_generate(
             ahead = None
             if (
                 worker is not None
-                and drafts
-                and drafts[-1] not in eos_ids
+                and not (drafts and drafts[-1] in eos_ids)
                 and produced + len(drafts) + 2 < budget
             ):
-                ahead = worker.submit(
-                    _look_ahead, draft, extended, controller.k, scores_after, vocab_size, eos_ids
-                )
+                ahead = Lookahead()
+                pending = worker.submit(
+                    draft_branches, tracked, extended, length, alternatives, controller.k, scores_after,
+                    eos_ids, ahead,
+                )  # fmt: skip
             try:
                 target_logits = target.run(feed, target_length, num_logits=len(drafts) + 1)[0]  # [k+1, V]
-            finally:  # the draft is ours again before any rollback
-                looked = ahead.result() if ahead is not None else None
+            finally:
+                if ahead is not None:
+                    ahead.stop()
             target_seconds = time.perf_counter() - t0
             target_scores = torch.stack(
                 [scores_after(extended[:, : length + i], target_logits[i]) for i in range(len(drafts) + 1)]
@@ -439,22 +387,21 @@ def speculative_generate(
                 kept, next_token = verify_sampled(p, q, drafts, generator)
             else:
                 kept, next_token = verify_greedy(target_scores, drafts)
-            # 3. keep the agreed prefix; both caches forget the rest
+            # 3. keep the agreed prefix; the target's cache forgets the rest (the draft's is tracked)
             target_length = length + kept
             target.rollback(target_length)
-            ready = None
-            if looked is not None:
-                stats.lookahead_seconds += looked.seconds
-                if kept == len(drafts) and next_token == looked.guess and looked.proposals:
-                    # the draft's cache holds the guess and all of these but the last
-                    ready, ready_seconds = looked.proposals, looked.seconds
-            if ready is None:
-                draft.rollback(target_length)
+            ready = ahead.match(kept, next_token) if ahead is not None else None
+            if ready is None and pending is not None:
+                pending.result()
+                pending = None
+            if ahead is not None:
+                lookaheads.append(ahead)  # its worker may still be finishing a draft step: timed at the end
             # this round also carried the prompt: not a round's cost
             prefill = feed.shape[1] > len(drafts) + 2
-            # drafting ahead overlapped the last round trip; the cost model still counts what it cost the draft
-            drafted_for = ahead_seconds if used_ahead else draft_seconds
-            controller.update(len(drafts), kept, drafted_for, target_seconds, timed=not prefill)
+            controller.update(
+                len(drafts), kept, draft_seconds, target_seconds, timed=not prefill,
+                drafted=len(drafts) - drafted_ahead,
+            )  # fmt: skip
             stats.prefill_rounds += int(prefill)
             stats.prefill_seconds += target_seconds if prefill else 0.0
             stats.rounds += 1
@@ -477,6 +424,7 @@ def speculative_generate(
     finally:
         if worker is not None:
             worker.shutdown(wait=True)
+        stats.lookahead_seconds += sum(ahead.seconds for ahead in lookaheads)
     # the target holds the agreed tokens; after an early stop, forget those past the returned sequence
     target.rollback(min(target_length, sequence.shape[1] - 1))
     if streamer is not None:
