@@ -13,8 +13,9 @@ trip yields between 1 and ``k + 1`` tokens:
 
 Rejected positions are rolled back on the servers (the next step starts at the accepted length; a position below
 a server's cache length rolls that cache back) and dropped from the client's per-hop input history, so a failover
-replays only accepted positions. The draft's cache is tracked by content (``client/lookahead.py``). ``k`` adapts to the measured
-acceptance rate and to the draft's cost relative to a round trip (:class:`DraftLengthController`).
+replays only accepted positions. The draft's cache is tracked by content (``client/lookahead.py``). ``k``
+adapts to the measured acceptance rate and to the draft's cost relative to a round trip
+(:class:`DraftLengthController`).
 
 Batch size 1 only (rows would accept different numbers of tokens), as in transformers' assisted generation.
 """
@@ -333,7 +334,7 @@ def speculative_generate(
             length = sequence.shape[1]
             k = min(controller.k, budget - produced - 1)  # room for the token the target adds itself
             # 1. the draft proposes up to k tokens: those made ahead, then (on the critical path) the rest
-            drafts = ready.proposals[:k] if ready is not None and k > 0 else []
+            drafts = ready.proposals[:k] if ready is not None else []
             drafted_ahead = len(drafts)
             alternatives = ready.alternatives[: len(drafts)] if ready is not None else []
             stats.lookahead_rounds += int(bool(drafts))
