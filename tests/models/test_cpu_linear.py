@@ -10,7 +10,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from potluck.models import LocalCausalLM
-from potluck.models.cpu_linear import PackedLinear, prepack_linears, prepack_supported
+from potluck.models.cpu_linear import (
+    DENSE_AFTER,
+    PACKED_MAX_ROWS,
+    PackedLinear,
+    next_layout,
+    prepack_linears,
+    prepack_supported,
+)
 from potluck.models.quant import module_bytes
 
 pytestmark = pytest.mark.skipif(
@@ -82,3 +89,54 @@ def test_prepacked_head_keeps_logits_and_dense_weight(tiny_model_dir: Any) -> No
         assert isinstance(model.client.lm_head, PackedLinear)
         torch.testing.assert_close(model.client.head(hidden), before, rtol=1e-5, atol=1e-5)
     assert torch.equal(model.client.head_weight(), weight)
+
+
+def test_layout_follows_the_rows_with_hysteresis() -> None:
+    """A few rows pack at once; one row goes dense only after DENSE_AFTER one-row calls in a row; long prefills
+    leave the layout alone."""
+    packed, streak = False, 0
+    for _ in range(3 * DENSE_AFTER):  # a lone session decoding: stays dense
+        packed, streak = next_layout(packed, streak, 1)
+        assert not packed
+    packed, streak = next_layout(packed, streak, 8)  # a batch of 8 sessions' steps
+    assert packed and streak == 0
+    for i in range(DENSE_AFTER - 1):  # steps that batch only some of the time do not flip the layout
+        packed, streak = next_layout(packed, streak, 1)
+        assert packed and streak == i + 1
+    packed, streak = next_layout(packed, streak, PACKED_MAX_ROWS + 1)  # a long prefill: no vote
+    assert packed and streak == DENSE_AFTER - 1
+    packed, streak = next_layout(packed, streak, 1)
+    assert not packed and streak == 0
+    assert next_layout(False, 5, PACKED_MAX_ROWS + 1) == (False, 5)
+
+
+def test_adaptive_linear_switches_layout_and_stays_exact() -> None:
+    """The weight moves between layouts as the calls' rows change; results match F.linear in both, gradients
+    still reach the input after a switch made inside inference_mode, and a fixed layer never switches."""
+    torch.manual_seed(2)
+    linear = nn.Linear(64, 96)
+    linear.requires_grad_(False)
+    layer = PackedLinear(linear)
+    assert not layer.packed and layer.weight.layout == torch.strided  # no load yet: dense
+    one, few = torch.randn(1, 1, 64), torch.randn(4, 1, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(
+            layer(few), F.linear(few, linear.weight, linear.bias), rtol=1e-5, atol=1e-5
+        )
+        assert layer.packed and layer.switches == 1
+        for _ in range(DENSE_AFTER):
+            torch.testing.assert_close(
+                layer(one), F.linear(one, linear.weight, linear.bias), rtol=1e-5, atol=1e-5
+            )
+        assert not layer.packed and layer.switches == 2
+    assert torch.equal(layer.weight, linear.weight)
+    x = torch.randn(3, 64, requires_grad=True)
+    (layer(x) ** 2).sum().backward()  # packs again, outside inference_mode, with autograd
+    expected = torch.autograd.grad((F.linear(x, linear.weight, linear.bias) ** 2).sum(), x)[0]
+    assert layer.packed and layer.switches == 3
+    torch.testing.assert_close(x.grad, expected, rtol=1e-5, atol=1e-5)
+    fixed = PackedLinear(linear, adaptive=False)
+    with torch.inference_mode():
+        for _ in range(DENSE_AFTER + 1):
+            fixed(one)
+    assert fixed.packed and fixed.switches == 0

@@ -281,7 +281,8 @@ def build_parser() -> PotluckParser:
     )  # fmt: skip
     b.add_argument(
         "--no-prepack", action="store_true",
-        help="servers and client keep fp32 CPU weights in PyTorch's layout (default: prepacked for oneDNN)",
+        help="servers and client keep fp32 CPU weights in PyTorch's layout (default: oneDNN's packed layout "
+        "while calls batch rows, PyTorch's after 16 one-row calls)",
     )  # fmt: skip
     b = bench.add_parser("failover", help="time from a server's death to the next token")
     b.add_argument("--json", action="store_true", help="print only the JSON result")

@@ -35,8 +35,9 @@ class ClientConfig:
     # servers pass each step's output straight to the next server (k + 1 links per step instead of 2k, see
     # client/push.py); False: the client relays every hop's output itself
     push: bool = True
-    # an fp32 LM head on CPU is reordered once for oneDNN (models/cpu_linear.py): concurrent sessions' heads,
-    # which run as one matmul (models/row_batching.py), then cost ~2 rows' worth for 8 rows instead of ~4x
+    # an fp32 LM head on CPU takes oneDNN's packed layout while calls batch rows (models/cpu_linear.py):
+    # concurrent sessions' heads, which run as one matmul (models/row_batching.py), then cost ~2 rows' worth for
+    # 8 rows instead of ~4x; after a run of one-row calls it goes back to the dense layout
     prepack_head: bool = True
     tuning_mode: str | None = None  # None | "ptune" (soft prompt) | "deep_ptune" (+ a prompt per block)
     pre_seq_len: int = 16  # soft-prompt length for ptune / deep_ptune

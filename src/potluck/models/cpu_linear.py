@@ -5,8 +5,11 @@ about gemv speed per row, so a batch of 8 decode rows costs ~4x one row instead 
 EPYC, 1024x2816 weight: 0.33 / 1.37 ms for 1 / 8 rows). A decode step is memory-bound: what batching across
 sessions should save is the weight streaming. oneDNN's kernels on a weight reordered once into their blocked
 layout keep 8 rows at ~2x one row (0.33 / 0.76 ms), and a 32000-row LM head at 13.7 ms for 8 rows instead of 27.5.
-For long prefills (hundreds of rows) they are ~10% slower than MKL; decode dominates serving, so one layout is
-kept (the dense weight is not, which would double the memory).
+For long prefills (hundreds of rows) they are ~10% slower than MKL. For one row MKL's dense layout is faster on
+Intel (a 2816x1024 weight on one thread of an Intel Xeon: 0.63 ms dense, 0.71-0.74 ms packed), and a lone
+session's decode steps are all one row. So the layout follows the load (:func:`next_layout`): packed while calls
+carry a few rows (batched decode steps, speculative checks), dense after a run of one-row calls. One layout is
+kept at a time (both would double the memory); a switch reorders the weight in place, once.
 
 Results agree with ``F.linear`` to float32 rounding (a different summation order), like any other kernel choice.
 Autograd reaches the inputs (and the bias) through :class:`_PackedLinearFunction`; the weight is frozen, as every
@@ -18,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 _MKLDNN = torch.ops.mkldnn
@@ -51,48 +55,95 @@ class _PackedLinearFunction(torch.autograd.Function):
         return grad_x, None, grad_b
 
 
-class PackedLinear(nn.Module):
-    """A frozen ``nn.Linear`` whose weight lives in oneDNN's blocked layout (see the module docstring).
+DENSE_AFTER = 16  # one-row calls in a row after which a packed weight goes back to the dense layout
+PACKED_MAX_ROWS = 64  # calls of 2..this many rows want the packed layout; longer ones (prefill) do not vote
 
-    The packed weight is a non-persistent buffer (it counts in :func:`potluck.models.quant.module_bytes`); the
-    bias stays an ordinary parameter. ``weight`` returns a dense copy for the rare reader.
+
+def next_layout(packed: bool, one_row_calls: int, rows: int) -> tuple[bool, int]:
+    """The layout after a call of ``rows`` rows: ``(packed, one-row calls in a row)``.
+
+    A few rows switch to packed at once (a batch costs ~4x one row in MKL's layout on AMD); one row switches
+    back only after ``DENSE_AFTER`` one-row calls in a row, so sessions whose steps batch only some of the time
+    do not reorder the weights at every step. Long prefills leave the layout as it is."""
+    if rows <= 1:
+        one_row_calls += 1
+        if packed and one_row_calls >= DENSE_AFTER:
+            return False, 0
+        return packed, one_row_calls
+    if rows <= PACKED_MAX_ROWS:
+        return True, 0
+    return packed, one_row_calls
+
+
+class PackedLinear(nn.Module):
+    """A frozen ``nn.Linear`` whose weight takes oneDNN's blocked layout under batched calls and PyTorch's dense
+    layout under one-row calls (see the module docstring); ``adaptive=False`` keeps it packed.
+
+    The weight is a non-persistent buffer (it counts in :func:`potluck.models.quant.module_bytes`); the bias
+    stays an ordinary parameter. ``weight`` returns the dense weight (a copy while packed) for the rare reader.
     """
 
-    packed_weight: torch.Tensor
+    stored_weight: torch.Tensor
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, adaptive: bool = True) -> None:
         super().__init__()
         if not prepack_supported(linear.weight.dtype, linear.weight.device):
             raise ValueError(
                 f"cannot prepack a {linear.weight.dtype} weight on {linear.weight.device} (fp32 on CPU with oneDNN)"
             )
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        packed = _MKLDNN._reorder_linear_weight(linear.weight.detach(), None)  # [out, in], blocked layout
-        self.register_buffer("packed_weight", packed, persistent=False)
+        self.adaptive = adaptive
+        # adaptive layers start dense (a new server or client has no load yet); the first batched call packs them
+        self.packed, self.one_row_calls = not adaptive, 0
+        weight = linear.weight.detach()  # [out, in]
+        stored = _MKLDNN._reorder_linear_weight(weight, None) if self.packed else weight.clone()
+        self.register_buffer("stored_weight", stored, persistent=False)
         self.bias = linear.bias
+        self.switches = 0  # layout changes so far (for tests and logs)
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.packed_weight.to_dense()  # [out, in]
+        return self.stored_weight.to_dense() if self.packed else self.stored_weight  # [out, in]
+
+    def set_packed(self, packed: bool) -> None:
+        """Reorder the weight into the packed (or the dense) layout; nothing if it is there already."""
+        if packed == self.packed:
+            return
+        # a normal tensor even inside inference_mode: a later forward with autograd may save it for backward
+        with torch.inference_mode(False), torch.no_grad():
+            weight = self.stored_weight
+            self.stored_weight = (
+                _MKLDNN._reorder_linear_weight(weight, None) if packed else weight.to_dense()
+            )  # [out, in]
+        self.packed = packed
+        self.switches += 1
 
     def extra_repr(self) -> str:
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"layout={'packed' if self.packed else 'dense'}{' (adaptive)' if self.adaptive else ''}"
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32 or x.device.type != "cpu":
             raise TypeError(f"a prepacked linear takes float32 CPU inputs, got {x.dtype} on {x.device}")
+        if self.adaptive:
+            packed, self.one_row_calls = next_layout(
+                self.packed, self.one_row_calls, x.numel() // self.in_features
+            )
+            self.set_packed(packed)
+        if not self.packed:
+            return F.linear(x, self.stored_weight, self.bias)  # [..., out]
         x = x.contiguous()  # [..., in]
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or (self.bias is not None and self.bias.requires_grad)
         )
         if needs_grad:
-            return _PackedLinearFunction.apply(x, self.packed_weight, self.bias)  # type: ignore[no-any-return]
-        return _MKLDNN._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")  # [..., out]
+            return _PackedLinearFunction.apply(x, self.stored_weight, self.bias)  # type: ignore[no-any-return]
+        return _MKLDNN._linear_pointwise(x, self.stored_weight, self.bias, "none", [], "")  # [..., out]
 
 
-def prepack_linears(module: nn.Module) -> int:
+def prepack_linears(module: nn.Module, adaptive: bool = True) -> int:
     """Replace every fp32 CPU ``nn.Linear`` inside ``module`` by a :class:`PackedLinear`; returns how many.
 
     Does nothing where :func:`prepack_supported` says no (other dtypes, GPUs, quantized layers, which are not
@@ -102,6 +153,6 @@ def prepack_linears(module: nn.Module) -> int:
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and prepack_supported(child.weight.dtype, child.weight.device):
-                setattr(parent, name, PackedLinear(child))
+                setattr(parent, name, PackedLinear(child, adaptive))
                 count += 1
     return count

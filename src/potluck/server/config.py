@@ -19,8 +19,9 @@ class ServerConfig:
     # linear layers of the blocks: none | int8 | nf4 (bitsandbytes) | auto (nf4 on CUDA where the span would not
     # fit in bf16, else none); `dtype` stays the compute dtype of the norms, activations and KV cache
     quant: str = "none"
-    # fp32 blocks on CPU: reorder the linear weights once for oneDNN (models/cpu_linear.py), so a batch of
-    # sessions' decode steps costs ~2x one step instead of ~4x (MKL on non-Intel CPUs); False: plain F.linear
+    # fp32 blocks on CPU: linear weights take oneDNN's packed layout while steps batch rows (models/cpu_linear.py),
+    # so a batch of sessions' decode steps costs ~2x one step instead of ~4x (MKL on non-Intel CPUs), and
+    # PyTorch's dense layout after a run of one-row steps (faster for a lone session on Intel); False: plain F.linear
     prepack: bool = True
     revision: str | None = None  # hub revision of the checkpoint
     token: str | None = None  # hub token for gated models
