@@ -12,9 +12,8 @@ proposals without drafting on the critical path:
 
 A round trip buys fewer draft steps than the branches want: each step goes to the branch whose next proposal
 adds the most expected tokens (:func:`draft_branches`). Branches are drafted only while the round trip lasts: the
-loop stops the worker when the target answers (the
-worker finishes the draft step it is in), and a branch cut short still gives its first proposals; the loop drafts
-the rest. The draft's KV cache can hold any branch; :class:`TrackedDraft` records which tokens it holds, so
+loop stops the worker when the target answers (the worker finishes the draft step it is in), and a branch cut
+short still gives its first proposals; the loop drafts the rest. The draft's KV cache can hold any branch; :class:`TrackedDraft` records which tokens it holds, so
 whoever drafts next continues from the longest prefix it shares with the sequence (no rollback bookkeeping).
 Sampling never drafts ahead: its proposals draw from a generator whose order must not change.
 """
