@@ -372,9 +372,8 @@ def test_proposals_drafted_ahead_are_priced_by_checking_alone() -> None:
         controller.update(2, 1, draft_seconds=0.5, target_seconds=0.5)
     assert controller.k == 1 and controller.k_ahead == 1 + DraftLengthController.AHEAD_EXTRA == 3
     cheap = DraftLengthController(2, 4)
-    for _ in range(
-        10
-    ):  # drafting costs nothing: every k is priced alike, and k_ahead stays within the maximum
+    # drafting costs nothing: every k is priced alike, and k_ahead stays within the maximum
+    for _ in range(10):
         cheap.update(2, 1, draft_seconds=0.0, target_seconds=0.5)
     assert cheap.k == cheap.k_ahead == 4
     constant = DraftLengthController(3, 3, adaptive=False)

@@ -13,8 +13,9 @@ proposals without drafting on the critical path:
 A round trip buys fewer draft steps than the branches want: each step goes to the branch whose next proposal
 adds the most expected tokens (:func:`draft_branches`). Branches are drafted only while the round trip lasts: the
 loop stops the worker when the target answers (the worker finishes the draft step it is in), and a branch cut
-short still gives its first proposals; the loop drafts the rest. The draft's KV cache can hold any branch; :class:`TrackedDraft` records which tokens it holds, so
-whoever drafts next continues from the longest prefix it shares with the sequence (no rollback bookkeeping).
+short still gives its first proposals; the loop drafts the rest. The draft's KV cache can hold any branch;
+:class:`TrackedDraft` records which tokens it holds, so whoever drafts next continues from the longest prefix it
+shares with the sequence (no rollback bookkeeping).
 Sampling never drafts ahead: its proposals draw from a generator whose order must not change.
 """
 
@@ -202,7 +203,7 @@ def draft_branches(
     *,
     acceptance: float = 0.7,
     second_right: float = 0.5,
-    min_worth: float | None = None,
+    min_worth: float = MIN_WORTH,
 ) -> None:
     """Draft the branches of a round whose sequence was ``extended[:, :length]`` and whose proposals are
     ``extended[0, length:]`` (``alternatives``: the draft's second choice at each), up to ``k`` proposals each,
@@ -213,7 +214,7 @@ def draft_branches(
     answer times the chance its proposals so far are kept. With per-token ``acceptance`` ``a`` and ``n``
     proposals, branch 1 is the answer with chance ``a^(n+1)`` (every proposal kept, then the draft's guess
     right), branch j with ``a^j (1 - a) s`` (``s``: how often the draft's second choice is right when its first
-    is not). Steps worth less than ``min_worth`` expected tokens (default :data:`MIN_WORTH`) are not taken."""
+    is not). Steps worth less than ``min_worth`` expected tokens are not taken."""
     t0 = time.perf_counter()
     try:
         with torch.no_grad():
@@ -231,7 +232,7 @@ def draft_branches(
                 if not live:
                     break
                 current = max(live, key=lambda g: g.worth(a) * (1.0 if g is current else SWITCH_DISCOUNT))
-                if current.worth(a) < (MIN_WORTH if min_worth is None else min_worth):
+                if current.worth(a) < min_worth:
                     break
                 _draft_step(draft, current, k, scores_after, eos_ids, out)
     finally:
