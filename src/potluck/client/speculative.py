@@ -367,8 +367,9 @@ def speculative_generate(
                     pending.result()  # the worker still drafts another branch: the draft is needed here
                     pending = None
                 while len(drafts) < k:
-                    # the swarm waits for this round, and the worker is done: every core drafts
-                    scores = scores_after(extended, tracked.next_logits(extended, alone=worker is not None))
+                    # the swarm waits for this round and no worker drafts (done, or none: sampling, lookahead
+                    # off): every core drafts
+                    scores = scores_after(extended, tracked.next_logits(extended, alone=True))
                     if params.do_sample:
                         probs = torch.softmax(scores, dim=-1)  # [V]
                         token, second = int(torch.multinomial(probs, 1, generator=generator)), -1
