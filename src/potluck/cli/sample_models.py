@@ -11,6 +11,7 @@ import json
 import logging
 import shutil
 import string
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,10 @@ def _build(
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tmp = path.with_name(path.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    # a directory of this builder's own: two processes building the same recipe at once (two demos, parallel
+    # test workers) must not write into each other's files; the first rename wins, the other result is dropped
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{path.name}.partial-", dir=path.parent))
     torch.manual_seed(seed)
     config = LlamaConfig(**config_kwargs)
     model = LlamaForCausalLM(config).eval()
@@ -58,8 +61,14 @@ def _build(
         tokenizer.save_pretrained(tmp)
     model.save_pretrained(tmp, max_shard_size=shard)
     (tmp / "potluck_recipe.json").write_text(json.dumps({"recipe": path.name, "seed": seed}))
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+    try:
+        tmp.rename(path)  # atomic; fails where the directory exists
+    except OSError:
+        if (path / "potluck_recipe.json").is_file():  # another builder finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        shutil.rmtree(path, ignore_errors=True)  # an unfinished directory (an older version's)
+        tmp.rename(path)
 
 
 def demo_model_path() -> str:
