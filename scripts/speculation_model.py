@@ -52,6 +52,7 @@ COSTS = Costs()
 
 def agreement(noise: float, seed: int, new_tokens: int) -> str:
     """The ``0/1/2`` string of the bench model's greedy continuation of prompt ``seed`` against the int8 draft."""
+    from potluck.cli.bench_speculative import agreement as bench_agreement
     from potluck.cli.bench_speculative import build_bench_draft
     from potluck.cli.sample_models import bench_model_path
     from potluck.client.drafts import SpanRunner
@@ -73,11 +74,7 @@ def agreement(noise: float, seed: int, new_tokens: int) -> str:
             tokens.append(int(logits.argmax()))
             sequence = torch.cat([sequence, torch.tensor([[tokens[-1]]])], dim=1)
             logits = runner.run(sequence[:, -1:], runner.length, 1)[0, -1]
-        guesses = draft.runner(length).run(sequence[:, :-1], 0, new_tokens)[0].topk(2).indices  # [N, 2]
-    return "".join(
-        "1" if int(g[0]) == t else "2" if int(g[1]) == t else "0"
-        for g, t in zip(guesses, tokens, strict=True)
-    )
+        return bench_agreement(draft, sequence, new_tokens)
 
 
 def _run_of_ones(pattern: str, start: int, limit: int) -> int:

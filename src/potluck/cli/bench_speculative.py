@@ -62,6 +62,39 @@ def build_bench_draft(args: argparse.Namespace, model_path: str) -> Any:
     return LocalDraft(model, num_blocks=args.draft_blocks)
 
 
+def agreement(draft: Any, sequence: Any, new_tokens: int) -> str:
+    """For each of the last ``new_tokens`` tokens of ``sequence [1, L]`` (the target's greedy output): ``1`` where
+    the draft's first choice after the true prefix was that token, ``2`` where its second was, else ``0``.
+
+    Greedy speculation is fixed by this string: a round keeps the run of ``1`` s from its position (at most its
+    proposals) plus the target's own token, and the lookahead has the answer ready after a ``2``.
+    ``scripts/speculation_model.py`` replays rounds over it."""
+    import torch
+
+    runner = draft.runner(sequence.shape[1])
+    with torch.inference_mode():
+        logits = runner.run(sequence[:, :-1], 0, num_logits=new_tokens)[0]  # [N, V_draft]
+    guesses = logits.topk(min(2, logits.shape[-1])).indices.tolist()  # [N, 2]
+    tokens = sequence[0, -new_tokens:].tolist()
+    return "".join(
+        "1" if guess[0] == token else "2" if guess[1:] == [token] else "0"
+        for guess, token in zip(guesses, tokens, strict=True)
+    )
+
+
+def fewest_round_trips(pattern: str, maximum: int) -> int:
+    """Round trips a policy that knew ``pattern`` would need, with at most ``maximum`` proposals a round: each
+    round proposes exactly the coming run of ``1`` s."""
+    position, rounds = 0, 0
+    while position < len(pattern):
+        run = 0
+        while run < maximum and position + run < len(pattern) - 1 and pattern[position + run] == "1":
+            run += 1
+        position += run + 1
+        rounds += 1
+    return rounds
+
+
 RUNS = ("plain", "draft")
 
 
@@ -157,6 +190,8 @@ def bench_inference_with_draft(args: argparse.Namespace) -> dict[str, Any]:
         )
     runs = median_round(rounds, "speedup")
     plain, spec = runs["plain"], runs["draft"]
+    pattern = agreement(draft, outputs["plain"][0], args.new_tokens)
+    maximum = max(2 * args.num_assistant_tokens, 8)  # the adaptive k's default cap (Speculation.controller)
     return {
         "bench": "inference_speculative",
         "model": model_path,
@@ -182,6 +217,15 @@ def bench_inference_with_draft(args: argparse.Namespace) -> dict[str, Any]:
         "round_ms": spec[
             "round_ms"
         ],  # a target step of k + 1 positions (vs plain's decode_ms_per_round_trip)
+        # what the draft got right, token by token (see agreement()), and the fewest round trips it allows
+        "draft_agreement": {
+            "pattern": pattern,
+            "first_choice": round(pattern.count("1") / max(1, len(pattern)), 3),
+            "second_when_first_wrong": round(
+                pattern.count("2") / max(1, len(pattern) - pattern.count("1")), 3
+            ),
+            "fewest_round_trips": fewest_round_trips(pattern, maximum),
+        },
         "tokens_per_s_plain": plain["tokens_per_s"],
         "tokens_per_s_draft": spec["tokens_per_s"],
         "rounds": len(rounds),
