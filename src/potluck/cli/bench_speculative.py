@@ -67,8 +67,8 @@ def agreement(draft: Any, sequence: Any, new_tokens: int) -> str:
     the draft's first choice after the true prefix was that token, ``2`` where its second was, else ``0``.
 
     Greedy speculation is fixed by this string: a round keeps the run of ``1`` s from its position (at most its
-    proposals) plus the target's own token, and the lookahead has the answer ready after a ``2``.
-    ``scripts/speculation_model.py`` replays rounds over it."""
+    proposals) plus the target's own token; after a ``2`` the lookahead can have the next round drafted (if it
+    drafted that branch in time). ``scripts/speculation_model.py`` replays rounds over it."""
     import torch
 
     runner = draft.runner(sequence.shape[1])
