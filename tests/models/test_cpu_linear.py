@@ -12,6 +12,7 @@ from torch import nn
 from potluck.models import LocalCausalLM
 from potluck.models.cpu_linear import (
     DENSE_AFTER,
+    PACK_AFTER,
     PACKED_MAX_ROWS,
     PackedLinear,
     next_layout,
@@ -92,14 +93,21 @@ def test_prepacked_head_keeps_logits_and_dense_weight(tiny_model_dir: Any) -> No
 
 
 def test_layout_follows_the_rows_with_hysteresis() -> None:
-    """A few rows pack at once; one row goes dense only after DENSE_AFTER one-row calls in a row; long prefills
-    leave the layout alone."""
+    """Batched calls pack only PACK_AFTER in a row (a short prompt's one prefill call does not); one row goes
+    dense only after DENSE_AFTER one-row calls in a row; long prefills leave the layout alone."""
     packed, streak = False, 0
     for _ in range(3 * DENSE_AFTER):  # a lone session decoding: stays dense
         packed, streak = next_layout(packed, streak, 1)
         assert not packed
-    packed, streak = next_layout(packed, streak, 8)  # a batch of 8 sessions' steps
-    assert packed and streak == 0
+    for _ in range(5):  # each generation of a lone session: a short prompt's prefill, then its decode steps
+        packed, streak = next_layout(packed, streak, 30)
+        assert not packed and streak == -1
+        for _ in range(4):
+            packed, streak = next_layout(packed, streak, 1)
+            assert not packed
+    for i in range(PACK_AFTER):  # batches of 8 sessions' steps, step after step
+        packed, streak = next_layout(packed, streak, 8)
+        assert packed == (i == PACK_AFTER - 1) and streak == (0 if packed else -(i + 1))
     for i in range(DENSE_AFTER - 1):  # steps that batch only some of the time do not flip the layout
         packed, streak = next_layout(packed, streak, 1)
         assert packed and streak == i + 1
@@ -108,6 +116,7 @@ def test_layout_follows_the_rows_with_hysteresis() -> None:
     packed, streak = next_layout(packed, streak, 1)
     assert not packed and streak == 0
     assert next_layout(False, 5, PACKED_MAX_ROWS + 1) == (False, 5)
+    assert next_layout(False, -1, PACKED_MAX_ROWS + 1) == (False, -1)
 
 
 def test_adaptive_linear_switches_layout_and_stays_exact() -> None:
@@ -120,10 +129,15 @@ def test_adaptive_linear_switches_layout_and_stays_exact() -> None:
     assert not layer.packed and layer.weight.layout == torch.strided  # no load yet: dense
     one, few = torch.randn(1, 1, 64), torch.randn(4, 1, 64)
     with torch.inference_mode():
+        for _ in range(PACK_AFTER):  # exact in the dense layout, then in the packed one
+            assert not layer.packed
+            torch.testing.assert_close(
+                layer(few), F.linear(few, linear.weight, linear.bias), rtol=1e-5, atol=1e-5
+            )
+        assert layer.packed and layer.switches == 1
         torch.testing.assert_close(
             layer(few), F.linear(few, linear.weight, linear.bias), rtol=1e-5, atol=1e-5
         )
-        assert layer.packed and layer.switches == 1
         for _ in range(DENSE_AFTER):
             torch.testing.assert_close(
                 layer(one), F.linear(one, linear.weight, linear.bias), rtol=1e-5, atol=1e-5
@@ -131,6 +145,8 @@ def test_adaptive_linear_switches_layout_and_stays_exact() -> None:
         assert not layer.packed and layer.switches == 2
     assert torch.equal(layer.weight, linear.weight)
     x = torch.randn(3, 64, requires_grad=True)
+    for _ in range(PACK_AFTER - 1):
+        layer(x.detach())
     (layer(x) ** 2).sum().backward()  # packs again, outside inference_mode, with autograd
     expected = torch.autograd.grad((F.linear(x, linear.weight, linear.bias) ** 2).sum(), x)[0]
     assert layer.packed and layer.switches == 3

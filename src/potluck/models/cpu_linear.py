@@ -8,7 +8,7 @@ layout keep 8 rows at ~2x one row (0.33 / 0.76 ms), and a 32000-row LM head at 1
 For long prefills (hundreds of rows) they are ~10% slower than MKL. For one row MKL's dense layout is faster on
 Intel (a 2816x1024 weight on one thread of an Intel Xeon: 0.63 ms dense, 0.71-0.74 ms packed), and a lone
 session's decode steps are all one row. So the layout follows the load (:func:`next_layout`): packed while calls
-carry a few rows (batched decode steps, speculative checks), dense after a run of one-row calls. One layout is
+carry a few rows, call after call (batched decode steps, speculative checks), dense after a run of one-row calls. One layout is
 kept at a time (both would double the memory); a switch reorders the weight in place, once.
 
 Results agree with ``F.linear`` to float32 rounding (a different summation order), like any other kernel choice.
@@ -56,23 +56,33 @@ class _PackedLinearFunction(torch.autograd.Function):
 
 
 DENSE_AFTER = 16  # one-row calls in a row after which a packed weight goes back to the dense layout
+PACK_AFTER = 3  # calls of 2..PACKED_MAX_ROWS rows in a row after which a dense weight is packed
 PACKED_MAX_ROWS = 64  # calls of 2..this many rows want the packed layout; longer ones (prefill) do not vote
 
 
-def next_layout(packed: bool, one_row_calls: int, rows: int) -> tuple[bool, int]:
-    """The layout after a call of ``rows`` rows: ``(packed, one-row calls in a row)``.
+def next_layout(packed: bool, streak: int, rows: int) -> tuple[bool, int]:
+    """The layout after a call of ``rows`` rows: ``(packed, streak)``, ``streak`` counting the calls in a row of
+    one kind: ``n > 0`` one-row calls, ``-n < 0`` calls of a few rows.
 
-    A few rows switch to packed at once (a batch costs ~4x one row in MKL's layout on AMD); one row switches
-    back only after ``DENSE_AFTER`` one-row calls in a row, so sessions whose steps batch only some of the time
-    do not reorder the weights at every step. Long prefills leave the layout as it is."""
+    A switch reorders every weight of a server (~150 ms for the bench's 4 blocks), so only a load that lasts moves
+    it. ``PACK_AFTER`` batched calls in a row pack a dense weight: batched decode steps and speculative checks
+    come every step, while a short prompt's prefill is one call, and packing for it would cost a lone session
+    two switches per generation (the second ``DENSE_AFTER`` steps later). ``DENSE_AFTER`` one-row calls in a
+    row unpack, so sessions whose steps batch only some of the time keep the packed layout. Long prefills do not
+    vote."""
     if rows <= 1:
-        one_row_calls += 1
-        if packed and one_row_calls >= DENSE_AFTER:
+        streak = max(streak, 0) + 1
+        if packed and streak >= DENSE_AFTER:
             return False, 0
-        return packed, one_row_calls
+        return packed, streak
     if rows <= PACKED_MAX_ROWS:
-        return True, 0
-    return packed, one_row_calls
+        if packed:
+            return True, 0
+        streak = min(streak, 0) - 1
+        if -streak >= PACK_AFTER:
+            return True, 0
+        return False, streak
+    return packed, streak
 
 
 class PackedLinear(nn.Module):
@@ -93,8 +103,8 @@ class PackedLinear(nn.Module):
             )
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.adaptive = adaptive
-        # adaptive layers start dense (a new server or client has no load yet); the first batched call packs them
-        self.packed, self.one_row_calls = not adaptive, 0
+        # adaptive layers start dense (a new server or client has no load yet); batched calls pack them
+        self.packed, self.streak = not adaptive, 0  # streak: see next_layout
         weight = linear.weight.detach()  # [out, in]
         stored = _MKLDNN._reorder_linear_weight(weight, None) if self.packed else weight.clone()
         self.register_buffer("stored_weight", stored, persistent=False)
@@ -128,9 +138,7 @@ class PackedLinear(nn.Module):
         if x.dtype != torch.float32 or x.device.type != "cpu":
             raise TypeError(f"a prepacked linear takes float32 CPU inputs, got {x.dtype} on {x.device}")
         if self.adaptive:
-            packed, self.one_row_calls = next_layout(
-                self.packed, self.one_row_calls, x.numel() // self.in_features
-            )
+            packed, self.streak = next_layout(self.packed, self.streak, x.numel() // self.in_features)
             self.set_packed(packed)
         if not self.packed:
             return F.linear(x, self.stored_weight, self.bias)  # [..., out]
