@@ -8,8 +8,8 @@ layout keep 8 rows at ~2x one row (0.33 / 0.76 ms), and a 32000-row LM head at 1
 For long prefills (hundreds of rows) they are ~10% slower than MKL. For one row MKL's dense layout is faster on
 Intel (a 2816x1024 weight on one thread of an Intel Xeon: 0.63 ms dense, 0.71-0.74 ms packed), and a lone
 session's decode steps are all one row. So the layout follows the load (:func:`next_layout`): packed while calls
-carry a few rows, call after call (batched decode steps, speculative checks), dense after a run of one-row calls. One layout is
-kept at a time (both would double the memory); a switch reorders the weight in place, once.
+carry a few rows, call after call (batched decode steps, speculative checks), dense after a run of one-row calls.
+One layout is kept at a time (both would double the memory); a switch reorders the weight in place, once.
 
 Results agree with ``F.linear`` to float32 rounding (a different summation order), like any other kernel choice.
 Autograd reaches the inputs (and the bias) through :class:`_PackedLinearFunction`; the weight is frozen, as every
