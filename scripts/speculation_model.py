@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from potluck.cli.bench_speculative import fewest_round_trips
 from potluck.client.lookahead import MIN_WORTH
 from potluck.client.speculative import DraftLengthController
 
@@ -56,6 +57,7 @@ def agreement(noise: float, seed: int, new_tokens: int) -> str:
     from potluck.cli.bench_speculative import build_bench_draft
     from potluck.cli.sample_models import bench_model_path
     from potluck.client.drafts import SpanRunner
+    from potluck.client.generation import GenerationParams, generate_tokens
     from potluck.models import LocalCausalLM, load_config
 
     path = bench_model_path()
@@ -65,16 +67,14 @@ def agreement(noise: float, seed: int, new_tokens: int) -> str:
     target = LocalCausalLM.from_pretrained(path)
     args = argparse.Namespace(draft=None, draft_noise=noise, draft_seed=0, draft_int8=True, draft_blocks=None)
     draft = build_bench_draft(args, path)
-    length = prompt.shape[1] + new_tokens
+    runner = SpanRunner(target.client, target.span, prompt.shape[1] + new_tokens)
     with torch.inference_mode():
-        runner = SpanRunner(target.client, target.span, length)
-        sequence, tokens = prompt, []
-        logits = runner.run(sequence, 0, 1)[0, -1]  # [V]
-        for _ in range(new_tokens):
-            tokens.append(int(logits.argmax()))
-            sequence = torch.cat([sequence, torch.tensor([[tokens[-1]]])], dim=1)
-            logits = runner.run(sequence[:, -1:], runner.length, 1)[0, -1]
-        return bench_agreement(draft, sequence, new_tokens)
+        sequence = generate_tokens(
+            lambda ids: runner.run(ids, runner.length, 1)[:, -1],
+            prompt,
+            GenerationParams(max_new_tokens=new_tokens),
+        )  # [1, 128 + new_tokens]
+    return bench_agreement(draft, sequence, new_tokens)
 
 
 def _run_of_ones(pattern: str, start: int, limit: int) -> int:
@@ -103,7 +103,7 @@ def replay(pattern: str, costs: Costs, k: int = 4, maximum: int = 8) -> dict[str
             proposals: [a ** (proposals + 1), -1.0]
         }  # kept -> [chance, drafted]
         for j in range(proposals):
-            branches.setdefault(j, [a**j * (1 - a) * s, 0.0])
+            branches[j] = [a**j * (1 - a) * s, 0.0]
         _spend_worker_steps(branches, a, min(controller.k_ahead, maximum), int(round_s / costs.worker))
         if kept == proposals:  # the branch exists only if the draft guessed the target's own token
             answer_right = position + kept >= len(pattern) or pattern[position + kept] == "1"
@@ -136,13 +136,10 @@ def _spend_worker_steps(branches: dict[int, list[float]], a: float, depth: int, 
 
 def oracle(pattern: str, costs: Costs, maximum: int = 8) -> dict[str, Any]:
     """A policy that knows the string: each round proposes exactly the coming run of ``1`` s, drafted for free and
-    without contention; it still pays for checking them."""
-    position, seconds, rounds = 0, 0.0, 0
-    while position < len(pattern):
-        proposals = min(_run_of_ones(pattern, position, maximum), len(pattern) - position - 1)
-        seconds += costs.plain + costs.per_position * proposals
-        rounds += 1
-        position += proposals + 1
+    without contention; it still pays for checking them (each round adds its proposals + 1 tokens, so all rounds
+    check ``len(pattern) - rounds`` proposals)."""
+    rounds = fewest_round_trips(pattern, maximum)
+    seconds = rounds * costs.plain + (len(pattern) - rounds) * costs.per_position
     return {
         "rounds": rounds,
         "seconds": round(seconds, 3),

@@ -10,18 +10,15 @@ import torch
 
 from potluck.cli.bench_speculative import agreement, fewest_round_trips
 from potluck.client.drafts import LocalDraft, SpanRunner, add_weight_noise
+from potluck.client.generation import GenerationParams, generate_tokens
 from potluck.models import LocalCausalLM
 
 
 def _greedy(model: LocalCausalLM, prompt: torch.Tensor, n: int) -> torch.Tensor:
     runner = SpanRunner(model.client, model.span, prompt.shape[1] + n)
-    sequence = prompt
     with torch.inference_mode():
-        logits = runner.run(sequence, 0, 1)[0, -1]
-        for _ in range(n):
-            sequence = torch.cat([sequence, logits.argmax().view(1, 1)], dim=1)
-            logits = runner.run(sequence[:, -1:], runner.length, 1)[0, -1]
-    return sequence  # [1, T + n]
+        step = lambda ids: runner.run(ids, runner.length, 1)[:, -1]  # noqa: E731
+        return generate_tokens(step, prompt, GenerationParams(max_new_tokens=n))  # [1, T + n]
 
 
 def test_agreement_marks_first_and_second_choices(tiny_model_dir: Callable[[str], str]) -> None:

@@ -159,6 +159,7 @@ def bench_inference_with_draft(args: argparse.Namespace) -> dict[str, Any]:
     from potluck.cli.errors import UsageError
     from potluck.cli.local_swarm import link_swarm
     from potluck.cli.sample_models import bench_model_path
+    from potluck.client.speculative import Speculation
     from potluck.models import load_config
 
     model_path = args.model or bench_model_path()
@@ -191,7 +192,8 @@ def bench_inference_with_draft(args: argparse.Namespace) -> dict[str, Any]:
     runs = median_round(rounds, "speedup")
     plain, spec = runs["plain"], runs["draft"]
     pattern = agreement(draft, outputs["plain"][0], args.new_tokens)
-    maximum = max(2 * args.num_assistant_tokens, 8)  # the adaptive k's default cap (Speculation.controller)
+    # the cap generate() put on the adaptive k
+    maximum = Speculation(draft, args.num_assistant_tokens).controller().maximum
     return {
         "bench": "inference_speculative",
         "model": model_path,
