@@ -67,17 +67,10 @@ def _resolve_device(requested: str | None) -> str:
 
 
 def _model_depth(model: str, args: argparse.Namespace) -> int:
-    """Number of blocks; a local config.json is read directly (importing transformers takes seconds)."""
-    config_path = os.path.join(model, "config.json")
-    if os.path.isfile(config_path):
-        with open(config_path) as f:
-            raw = json.load(f)
-        for key in ("num_hidden_layers", "n_layer"):  # n_layer: BLOOM
-            if isinstance(raw.get(key), int):
-                return int(raw[key])
-    from potluck.models import load_config
+    """Number of blocks, from the cached resolved config (no transformers import once a config has been seen)."""
+    from potluck.models.config_view import load_config_view
 
-    return int(load_config(model, revision=args.revision, token=args.token).num_hidden_layers)
+    return int(load_config_view(model, revision=args.revision, token=args.token).num_hidden_layers)
 
 
 def _check_span_fits(args: argparse.Namespace, model: str) -> None:

@@ -144,10 +144,10 @@ def gather_status(
 
     num_blocks: int | None = None
     if model is not None and (os.path.isdir(os.path.expanduser(model)) or looks_like_local_path(model)):
-        from potluck.models import load_config
+        from potluck.models.config_view import load_config_view
 
         path = check_model(model)
-        num_blocks = int(load_config(path).num_hidden_layers)
+        num_blocks = int(load_config_view(path).num_hidden_layers)
     prefix = model_prefix or model_prefix_for(model or "")
     snapshot, alive = aio.run(read_status(initial_peers, prefix, num_blocks, host, probe_timeout, swarm_key))
     return snapshot_report(snapshot, alive)

@@ -27,7 +27,12 @@ class ClientParts(nn.Module):
         super().__init__()
         self.spec = spec
         self.family = family
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size, padding_idx=_padding_idx(spec))
+        # Built on the meta device, then given the checkpoint's tensors (loading.py): an empty weight skips
+        # nn.Embedding's normal_ init, which on meta tensors imports torch._dynamo (~1.5 s of a server's start).
+        weight = torch.empty(spec.vocab_size, spec.hidden_size)  # [V, H]
+        self.embed_tokens = nn.Embedding(
+            spec.vocab_size, spec.hidden_size, padding_idx=_padding_idx(spec), _weight=weight
+        )
         self.embed_norm: nn.Module | None = family.make_embed_norm(spec) if family.make_embed_norm else None
         self.norm = family.make_final_norm(spec)
         # an nn.Linear, or potluck.models.cpu_linear.PackedLinear on CPU (see prepack_head)

@@ -27,7 +27,8 @@ from typing import Any
 import torch
 
 from potluck.models.client_parts import ClientParts
-from potluck.models.loading import SafetensorsCheckpoint, load_config
+from potluck.models.config_view import load_config_view
+from potluck.models.loading import SafetensorsCheckpoint
 from potluck.models.registry import get_family
 
 HASH_CHARS = 16  # hex chars kept of each sha256 (64 bits: collisions are not a concern for this purpose)
@@ -54,7 +55,7 @@ def checkpoint_fingerprint(
 ) -> str:
     """``"{spec hash}.{weights hash}"`` of a checkpoint, reading only its client-part tensors."""
     if config is None:
-        config = load_config(name_or_path, revision=revision, token=token)
+        config = load_config_view(name_or_path, revision=revision, token=token)
     family = get_family(config)
     spec = family.spec_from_config(config)
     with torch.device("meta"):

@@ -12,18 +12,22 @@ import os
 import sys
 from collections import defaultdict
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError
 from safetensors import safe_open
-from transformers import AutoConfig, PretrainedConfig
 
 from potluck.models.client_parts import ClientParts
+from potluck.models.config_view import ConfigView, load_config_view
 from potluck.models.family import ModelFamily, TensorSources
 from potluck.models.quant import check_quant, quantize_module
 from potluck.models.registry import get_family
 from potluck.models.span import BlockSpan, check_block_range
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -41,7 +45,10 @@ def load_config(
     token: str | bool | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> PretrainedConfig:
-    """HF config of a local directory or hub repo (honours ``HF_HUB_OFFLINE``)."""
+    """HF config of a local directory or hub repo (honours ``HF_HUB_OFFLINE``). Imports transformers (seconds):
+    what only reads attributes takes :func:`potluck.models.config_view.load_config_view` instead."""
+    from transformers import AutoConfig
+
     return AutoConfig.from_pretrained(name_or_path, revision=revision, token=token, cache_dir=cache_dir)
 
 
@@ -148,7 +155,7 @@ def load_span(
     revision: str | None = None,
     token: str | bool | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
-    config: PretrainedConfig | None = None,
+    config: PretrainedConfig | ConfigView | None = None,
     progress: bool = False,
     quant: str = "none",
 ) -> BlockSpan:
@@ -159,7 +166,7 @@ def load_span(
     block by block as they load, so the unquantized weights of at most one block are in memory at a time.
     """
     if config is None:
-        config = load_config(name_or_path, revision=revision, token=token, cache_dir=cache_dir)
+        config = load_config_view(name_or_path, revision=revision, token=token, cache_dir=cache_dir)
     family = get_family(config)
     spec = family.spec_from_config(config)
     check_block_range(spec, start, end)
@@ -215,11 +222,11 @@ def load_client_parts(
     revision: str | None = None,
     token: str | bool | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
-    config: PretrainedConfig | None = None,
+    config: PretrainedConfig | ConfigView | None = None,
 ) -> ClientParts:
     """Embeddings, (BLOOM) embedding norm, final norm and LM head (tied to the embeddings where configured)."""
     if config is None:
-        config = load_config(name_or_path, revision=revision, token=token, cache_dir=cache_dir)
+        config = load_config_view(name_or_path, revision=revision, token=token, cache_dir=cache_dir)
     family: ModelFamily = get_family(config)
     spec = family.spec_from_config(config)
     checkpoint = SafetensorsCheckpoint(name_or_path, revision=revision, token=token, cache_dir=cache_dir)

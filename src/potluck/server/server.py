@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from potluck.models import BlockSpan, CheckpointError, load_config, load_span
+from potluck.models import BlockSpan, CheckpointError, load_span
+from potluck.models.config_view import load_config_view
 from potluck.models.cpu_linear import prepack_linears
 from potluck.models.fingerprint import checkpoint_fingerprint
 from potluck.models.quant import module_bytes
@@ -57,6 +58,10 @@ from potluck.wire import (
 from potluck.wire.tensors import InflightBudget
 
 logger = logging.getLogger(__name__)
+
+# A stopping server's offline announcement is a courtesy (its records expire anyway); when the peers that would store
+# it are stopping too, hivemind's store can wait out its 10 s timeout, and SIGTERM must not take that long.
+OFFLINE_ANNOUNCE_TIMEOUT = 3.0
 
 # TEST ONLY: a server started with this environment variable set to a positive number adds Gaussian noise of that
 # standard deviation to every output of its blocks. It exists so tests can run a lying server (see
@@ -108,7 +113,7 @@ class Server:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.request_stop)
         cfg = self.config
-        hf_config = load_config(cfg.model, revision=cfg.revision, token=cfg.token)
+        hf_config = load_config_view(cfg.model, revision=cfg.revision, token=cfg.token)
         self.num_model_blocks = int(hf_config.num_hidden_layers)
         wanted = cfg.blocks[1] - cfg.blocks[0] if cfg.blocks is not None else cfg.num_blocks
         self.quant = choose_quant(
@@ -392,8 +397,9 @@ class Server:
         assert self.state is not None
         logger.info("draining: announcing offline, waiting for %d in-flight steps", self.state.in_flight)
         self.state.state = "offline"
-        with contextlib.suppress(Exception):
-            await self._announce_current()
+        with contextlib.suppress(Exception):  # best effort, and bounded: the peers may be stopping too
+            async with asyncio.timeout(OFFLINE_ANNOUNCE_TIMEOUT):
+                await self._announce_current()
         if self.state.in_flight:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.state.idle.wait(), timeout=self.config.drain_timeout)
