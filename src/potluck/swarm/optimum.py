@@ -25,12 +25,14 @@ The same sets give an exact zero test: if the windows cannot touch every block o
 total capacity < B), every placement leaves a gap and the bound is 0.
 
 It remains an upper bound (the integer optimum can be lower, e.g. with few servers of very different speeds), so a
-ratio ``achieved / bound`` is a conservative measure of placement quality. Cost: O(B log B) numpy operations over
-capacity classes, ~1 ms for B = 100, independent of the number of servers beyond one ``bincount``.
+ratio ``achieved / bound`` is a conservative measure of placement quality. Cost: one numpy pass over the ~B ln B
+progressions x capacity classes, ~1.5 ms for B = 80 and 1000 servers, independent of the number of servers beyond
+one ``bincount``.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
@@ -77,18 +79,33 @@ def throughput_upper_bound(
     classes = np.flatnonzero(count > 0)
     caps, per_cap, count = classes.astype(np.int64), per_cap[classes], count[classes]
     best = float(per_cap.sum())  # m = 1: all servers stacked on one block
-    for d in range(1, B):
-        m_max = (B - 1) // d + 1  # longest progression of step d that fits in the model
-        hits = (caps - 1) // d + 1  # most progression points one window of each capacity class can contain
-        m = np.arange(2, m_max + 1, dtype=np.int64)
-        reach = np.minimum(m[:, None], hits[None, :])
+    steps, lengths = _progressions(B)
+    for lo in range(0, len(steps), ROWS_PER_PASS):
+        d, m = steps[lo : lo + ROWS_PER_PASS, None], lengths[lo : lo + ROWS_PER_PASS, None]  # [R, 1]
+        hits = (
+            caps[None, :] - 1
+        ) // d + 1  # [R, K]: most points of a progression one window of each class holds
+        reach = np.minimum(m, hits)
         # Integrality, for free: if the windows cannot even *touch* every point of some S (e.g. total capacity
         # < B), some block stays uncovered in every placement.
-        if np.any((reach * count[None, :]).sum(axis=1) < m):
+        if np.any((reach * count[None, :]).sum(axis=1) < m[:, 0]):
             return 0.0
-        totals = (reach * per_cap[None, :]).sum(axis=1) / m
+        totals = (reach * per_cap[None, :]).sum(axis=1) / m[:, 0]
         best = min(best, float(totals.min()))
     return best
+
+
+ROWS_PER_PASS = 4096  # progressions evaluated per numpy pass: bounds the [rows, capacity classes] temporaries
+
+
+@functools.lru_cache(maxsize=16)
+def _progressions(num_blocks: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Every (step d, length m >= 2) of an arithmetic progression inside ``num_blocks`` blocks, as two flat arrays
+    (~B ln B rows): one numpy pass over all of them instead of a Python loop over steps (the simulator calls the
+    bound after every join, leave and move)."""
+    steps = [d for d in range(1, num_blocks) for _ in range(2, (num_blocks - 1) // d + 2)]
+    lengths = [m for d in range(1, num_blocks) for m in range(2, (num_blocks - 1) // d + 2)]
+    return np.asarray(steps, dtype=np.int64), np.asarray(lengths, dtype=np.int64)
 
 
 def optimal_throughput(servers: Iterable[HasCapacity | tuple[float, int]], num_blocks: int) -> float:
