@@ -82,9 +82,8 @@ def throughput_upper_bound(
     steps, lengths = _progressions(B)
     for lo in range(0, len(steps), ROWS_PER_PASS):
         d, m = steps[lo : lo + ROWS_PER_PASS, None], lengths[lo : lo + ROWS_PER_PASS, None]  # [R, 1]
-        hits = (
-            caps[None, :] - 1
-        ) // d + 1  # [R, K]: most points of a progression one window of each class holds
+        # [R, K]: the most points of each progression that one window of each capacity class can contain
+        hits = (caps[None, :] - 1) // d + 1
         reach = np.minimum(m, hits)
         # Integrality, for free: if the windows cannot even *touch* every point of some S (e.g. total capacity
         # < B), some block stays uncovered in every placement.
