@@ -45,7 +45,9 @@ def test_view_gives_the_same_spec_as_the_transformers_config(
     assert "_name_or_path" not in second.to_dict()  # keyed by content: the first directory is nobody's path
 
 
-def test_an_edited_config_is_resolved_afresh(tiny_checkpoint: Callable[..., str], tmp_path: Path, cache: Path) -> None:
+def test_an_edited_config_is_resolved_afresh(
+    tiny_checkpoint: Callable[..., str], tmp_path: Path, cache: Path
+) -> None:
     path = shutil.copytree(tiny_checkpoint("llama-tied"), tmp_path / "edited")
     assert load_config_view(str(path)).num_hidden_layers == 8
     raw = json.loads((path / "config.json").read_text())
