@@ -10,6 +10,7 @@ import logging
 import os
 import random
 import signal
+import time
 from typing import Any
 
 import torch
@@ -62,6 +63,9 @@ logger = logging.getLogger(__name__)
 # A stopping server's offline announcement is a courtesy (its records expire anyway); when the peers that would store
 # it are stopping too, hivemind's store can wait out its 10 s timeout, and SIGTERM must not take that long.
 OFFLINE_ANNOUNCE_TIMEOUT = 3.0
+STOP_STEP_TIMEOUT = (
+    3.0  # for the background loops to end once cancelled; past it, stopping goes on without them
+)
 
 # TEST ONLY: a server started with this environment variable set to a positive number adds Gaussian noise of that
 # standard deviation to every output of its blocks. It exists so tests can run a lying server (see
@@ -269,10 +273,18 @@ class Server:
                 metrics_server.server_close()
             for task in tasks:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            # Bounded: a loop inside a library call that swallows the cancellation must not hold up SIGTERM.
+            if tasks:
+                _, stuck = await asyncio.wait(tasks, timeout=STOP_STEP_TIMEOUT)
+                for task in stuck:
+                    logger.warning(
+                        "stopping: task %s did not finish within %.0f s", task.get_coro(), STOP_STEP_TIMEOUT
+                    )
+            t0 = time.monotonic()
             runtime.shutdown()
             await self.node.shutdown()
+            if time.monotonic() - t0 > STOP_STEP_TIMEOUT:
+                logger.warning("stopping: compute thread and swarm node took %.1f s", time.monotonic() - t0)
             logger.info("server stopped")
 
     # --- span choice, loading, moving ------------------------------------------------------------------
