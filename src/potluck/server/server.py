@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from potluck.models import BlockSpan, CheckpointError, load_span
-from potluck.models.config_view import load_config_view
+from potluck.models.config_view import ConfigView, load_config_view
 from potluck.models.cpu_linear import prepack_linears
 from potluck.models.fingerprint import checkpoint_fingerprint
 from potluck.models.quant import module_bytes
@@ -63,9 +63,8 @@ logger = logging.getLogger(__name__)
 # A stopping server's offline announcement is a courtesy (its records expire anyway); when the peers that would store
 # it are stopping too, hivemind's store can wait out its 10 s timeout, and SIGTERM must not take that long.
 OFFLINE_ANNOUNCE_TIMEOUT = 3.0
-STOP_STEP_TIMEOUT = (
-    3.0  # for the background loops to end once cancelled; past it, stopping goes on without them
-)
+# For the background loops to end once cancelled; past it, stopping goes on without them.
+STOP_STEP_TIMEOUT = 3.0
 
 # TEST ONLY: a server started with this environment variable set to a positive number adds Gaussian noise of that
 # standard deviation to every output of its blocks. It exists so tests can run a lying server (see
@@ -100,6 +99,8 @@ class Server:
         self.moves = 0
         self._direct_addrs: tuple[str, ...] = ()
         self.fingerprint: str | None = None  # of the checkpoint, announced so clients can detect a mismatch
+        # the checkpoint's config, read once at start; every span load (and move) reuses it
+        self.model_config: ConfigView | None = None
         self._maddrs: tuple[str, ...] = ()
         self._starting: asyncio.Future[Any] | None = None  # joining or loading: cancelled by a stop request
         self._model_record: dict[str, Any] = {}
@@ -117,7 +118,7 @@ class Server:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.request_stop)
         cfg = self.config
-        hf_config = load_config_view(cfg.model, revision=cfg.revision, token=cfg.token)
+        hf_config = self.model_config = load_config_view(cfg.model, revision=cfg.revision, token=cfg.token)
         self.num_model_blocks = int(hf_config.num_hidden_layers)
         wanted = cfg.blocks[1] - cfg.blocks[0] if cfg.blocks is not None else cfg.num_blocks
         self.quant = choose_quant(
@@ -338,6 +339,7 @@ class Server:
             device=cfg.device,
             revision=cfg.revision,
             token=cfg.token,
+            config=self.model_config,
             progress=True,
             quant=self.quant,
         )
