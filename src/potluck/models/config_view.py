@@ -19,13 +19,12 @@ import hashlib
 import importlib.metadata
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from potluck.paths import cache_root
+from potluck.paths import cache_root, write_json_atomically
 
 FORMAT = 1  # bump when what is stored per config changes
 LOCATION_FIELDS = ("_name_or_path", "name_or_path")  # where a config was read from, not what it says
@@ -108,19 +107,6 @@ def _key(raw: bytes) -> str:
     return hashlib.sha256(b"%d|%s|" % (FORMAT, version.encode()) + raw).hexdigest()[:32]
 
 
-def _write_atomically(path: Path, values: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(values, f, sort_keys=True)
-        os.replace(tmp, path)  # two processes resolving the same config write the same bytes
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def load_config_view(
     name_or_path: str,
     *,
@@ -145,5 +131,5 @@ def load_config_view(
     )
     if cached is not None:
         with contextlib.suppress(OSError):  # a read-only cache only costs the next start-up its seconds
-            _write_atomically(cached, values)
+            write_json_atomically(cached, values)  # two processes resolving one config write the same bytes
     return ConfigView(values)

@@ -14,14 +14,13 @@ import json
 import logging
 import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from potluck.models import BlockSpan
-from potluck.paths import cache_root
+from potluck.paths import cache_root, write_json_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -113,11 +112,7 @@ def _read(path: Path) -> dict[str, dict[str, float]]:
 def _write(path: Path, data: dict[str, dict[str, float]]) -> None:
     """Atomic replace, so servers starting together never read a half-written file."""
     with contextlib.suppress(OSError):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".throughput-")
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
+        write_json_atomically(path, data, indent=1)
 
 
 def _sync(device: torch.device) -> None:
