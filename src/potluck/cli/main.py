@@ -284,6 +284,11 @@ def build_parser() -> PotluckParser:
         help="servers and client keep fp32 CPU weights in PyTorch's layout (default: oneDNN's packed layout "
         "while calls batch rows, PyTorch's after 16 one-row calls)",
     )  # fmt: skip
+    b.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+        help="compute dtype of the servers and the client (auto: bfloat16 where the CPU multiplies it in "
+        "hardware (AMX), as a serving deployment would, else float32)",
+    )  # fmt: skip
     b = bench.add_parser("failover", help="time from a server's death to the next token")
     b.add_argument("--json", action="store_true", help="print only the JSON result")
     b.add_argument("--model", default=None, help="checkpoint (default: the standard bench model)")
