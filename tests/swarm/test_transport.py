@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from potluck.swarm.transport import NodeOptions, SwarmNode
 
@@ -52,5 +55,41 @@ def test_identity_file_keeps_the_peer_id_and_records_and_streams_work(tmp_path: 
         finally:
             for node in (client, peer, boot):
                 await node.shutdown()
+
+    asyncio.run(scenario())
+
+
+class _AnsweringDht:
+    """A DHT whose every store and read returns ``answer`` (a future the test resolves)."""
+
+    def __init__(self, answer: asyncio.Future[Any]) -> None:
+        self.answer = answer
+
+    def store_many(self, *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
+        return self.answer
+
+    def get_many(self, *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
+        return self.answer
+
+
+@pytest.mark.parametrize("call", ["store", "get"])
+def test_a_cancellation_that_arrives_as_the_dht_answers_is_not_lost(call: str) -> None:
+    """A stopping server cancels its announcement loop, maybe just as a DHT store returns. On Python 3.11,
+    ``asyncio.wait_for`` then returned the store's result and dropped the cancellation, and the loop went on
+    announcing until the server's stop gave up on it; the node's deadlines must not lose it."""
+
+    async def scenario() -> None:
+        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        node = object.__new__(SwarmNode)  # only the DHT is needed: no p2pd
+        node._dht = _AnsweringDht(answer)  # type: ignore[assignment]
+        if call == "store":
+            task = asyncio.create_task(node.store_many([("k", "peer", 1)], SwarmNode.now() + 30))
+        else:
+            task = asyncio.create_task(node.get_many(["k"]))
+        await asyncio.sleep(0)  # the call now waits for the DHT
+        answer.set_result({"k": True})
+        task.cancel()  # in the same moment
+        with pytest.raises(asyncio.CancelledError):
+            await task
 
     asyncio.run(scenario())

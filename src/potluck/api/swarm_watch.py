@@ -120,4 +120,5 @@ class SwarmWatch:
         if self.owns_node:
             future = asyncio.run_coroutine_threadsafe(self.node.shutdown(), self.loop.loop)
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.wrap_future(future), timeout=15)
+                async with asyncio.timeout(15):
+                    await asyncio.wrap_future(future)

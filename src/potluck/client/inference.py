@@ -129,7 +129,8 @@ class HopSession:
             return
         self.closed = True
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(write_message(self.writer, CloseInference()), timeout=1)
+            async with asyncio.timeout(1):
+                await write_message(self.writer, CloseInference())
         with contextlib.suppress(Exception):
             self.writer.close()
 

@@ -44,7 +44,8 @@ class CacheBudget:
             self._waiters.add(waiter)
             try:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(waiter, remaining)
+                    async with asyncio.timeout(remaining):
+                        await waiter
             finally:
                 self._waiters.discard(waiter)
         self.used += tokens

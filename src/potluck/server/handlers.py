@@ -207,10 +207,8 @@ async def _send(
 async def _reply_error(writer: asyncio.StreamWriter, code: str, message: str, retryable: bool) -> None:
     metrics.count_error(code)
     with contextlib.suppress(Exception):
-        await asyncio.wait_for(
-            write_message(writer, ErrorReply(code=code, message=message, retryable=retryable)),  # type: ignore[arg-type]
-            timeout=10,
-        )
+        async with asyncio.timeout(10):
+            await write_message(writer, ErrorReply(code=code, message=message, retryable=retryable))  # type: ignore[arg-type]
 
 
 async def _guarded(writer: asyncio.StreamWriter, peer: str, what: str, body: Callable[[], Any]) -> None:

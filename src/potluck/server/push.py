@@ -299,7 +299,8 @@ class PushHub:
             if left <= 0 or entry is None or not self.enabled or entry.accept_from == peer:
                 return None  # (the client named this peer, with another token: no need to wait)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(entry.changed.wait(), left)
+                async with asyncio.timeout(left):
+                    await entry.changed.wait()
 
     async def _pushed_steps(
         self, entry: SessionPush, reader: asyncio.StreamReader, run_step: StepRunner

@@ -225,7 +225,8 @@ class StepScheduler:
                 return
             self._arrived.clear()
             try:
-                await asyncio.wait_for(self._arrived.wait(), deadline - now)
+                async with asyncio.timeout(deadline - now):
+                    await self._arrived.wait()
             except TimeoutError:
                 return
 

@@ -395,7 +395,8 @@ class Server:
         await self._announce_current()
         if s.in_flight:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(s.idle.wait(), timeout=self.config.drain_timeout)
+                async with asyncio.timeout(self.config.drain_timeout):
+                    await s.idle.wait()
         s.generation += 1  # sessions on the old span are refused from now on
         await s.runtime.run(0, s.activations.clear)
         span = await self._load(new_start, new_start + length)
@@ -416,7 +417,8 @@ class Server:
                 await self._announce_current()
         if self.state.in_flight:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.state.idle.wait(), timeout=self.config.drain_timeout)
+                async with asyncio.timeout(self.config.drain_timeout):
+                    await self.state.idle.wait()
         self.state.close_sessions("draining", "server is draining: continue on another server")
 
     async def _expire_loop(self) -> None:

@@ -127,7 +127,8 @@ class DirectServer:
             for task in list(self._tasks):
                 task.cancel()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), timeout=5)
+                async with asyncio.timeout(5):
+                    await self._server.wait_closed()
 
 
 async def open_direct(

@@ -6,6 +6,10 @@ hivemind surface this small means a future transport (QUIC, plain TCP + rendezvo
 
 We run hivemind's ``DHTNode`` in-process on our own ``P2P`` instead of ``hivemind.DHT``: the latter forks a
 process with a second p2pd, which doubles memory and makes shutdown harder to get right.
+
+Every call has its deadline from ``asyncio.timeout``, never ``asyncio.wait_for``: on Python 3.11, ``wait_for``
+drops a cancellation that arrives while the awaited call completes (it returns the result instead), so a stopping
+server's announcement loop, cancelled during a DHT store, went on announcing.
 """
 
 from __future__ import annotations
@@ -153,8 +157,8 @@ class SwarmNode:
             with os.fdopen(fd, "wb") as f:
                 f.write(identity.private_proto())
         try:
-            p2p = await asyncio.wait_for(
-                P2P.create(
+            async with asyncio.timeout(options.startup_timeout + 5):
+                p2p = await P2P.create(
                     initial_peers=list(options.initial_peers) or None,
                     host_maddrs=host_maddrs,
                     announce_maddrs=list(options.announce_maddrs) or None,
@@ -166,17 +170,15 @@ class SwarmNode:
                     auto_nat=not options.client_mode and options.host != "127.0.0.1",
                     nat_port_map=False,
                     dht_mode="client" if options.client_mode else "server",
-                ),
-                timeout=options.startup_timeout + 5,
-            )
+                )
         except Exception as e:  # hivemind raises a zoo of types here
             raise _daemon_error(e, options) from e
         finally:
             if scratch is not None:
                 scratch.cleanup()
         try:
-            dht = await asyncio.wait_for(
-                DHTNode.create(
+            async with asyncio.timeout(options.startup_timeout):
+                dht = await DHTNode.create(
                     p2p=p2p,
                     record_validator=SignedRecordValidator(identity, swarm_key),
                     initial_peers=list(options.initial_peers) or None,
@@ -185,9 +187,7 @@ class SwarmNode:
                     cache_refresh_before_expiry=0,
                     bootstrap_timeout=min(5.0, options.startup_timeout),
                     ensure_bootstrap_success=bool(options.initial_peers),
-                ),
-                timeout=options.startup_timeout,
-            )
+                )
         except BaseException as e:  # also on cancellation (Ctrl-C): never leave the daemon running
             await p2p.shutdown()
             if not isinstance(e, Exception):
@@ -208,7 +208,8 @@ class SwarmNode:
 
     async def visible_maddrs(self) -> list[str]:
         """Full multiaddrs (with /p2p/<peer id>) that others pass as initial peers."""
-        maddrs = await asyncio.wait_for(self._p2p.get_visible_maddrs(), timeout=10)
+        async with asyncio.timeout(10):
+            maddrs = await self._p2p.get_visible_maddrs()
         return [str(m) for m in maddrs]
 
     # --- DHT ------------------------------------------------------------------------------------------
@@ -233,9 +234,8 @@ class SwarmNode:
         if not keys:
             return True
         try:
-            result = await asyncio.wait_for(
-                self._dht.store_many(keys, values, expiration_time, subkeys=subkeys), timeout=timeout
-            )
+            async with asyncio.timeout(timeout):
+                result = await self._dht.store_many(keys, values, expiration_time, subkeys=subkeys)
         except TimeoutError:
             raise
         except Exception as e:  # hivemind / p2pd errors become ours, so callers never see library types
@@ -245,9 +245,8 @@ class SwarmNode:
     async def get_many(self, keys: Sequence[str], *, timeout: float = 10.0) -> dict[str, dict[str, Any]]:
         """For each key, its unexpired {subkey: value}; a key with nothing stored maps to {}."""
         try:
-            found = await asyncio.wait_for(
-                self._dht.get_many(list(keys), sufficient_expiration_time=float("inf")), timeout=timeout
-            )
+            async with asyncio.timeout(timeout):
+                found = await self._dht.get_many(list(keys), sufficient_expiration_time=float("inf"))
         except TimeoutError:
             raise
         except Exception as e:  # hivemind / p2pd errors become ours
@@ -295,9 +294,10 @@ class SwarmNode:
         Raises ``TimeoutError`` or ``TransportError`` (never p2pd's own exception types).
         """
         try:
-            _info, reader, writer = await asyncio.wait_for(
-                self._p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), protocol), timeout=timeout
-            )
+            async with asyncio.timeout(timeout):
+                _info, reader, writer = await self._p2p.call_binary_stream_handler(
+                    PeerID.from_base58(peer_id), protocol
+                )
         except TimeoutError:
             raise
         except Exception as e:  # p2pd reports unreachable peers and refused protocols with its own types
@@ -326,11 +326,13 @@ class SwarmNode:
         self._closed = True
         t0 = time.monotonic()
         try:
-            await asyncio.wait_for(self._dht.shutdown(), timeout=5)
+            async with asyncio.timeout(5):
+                await self._dht.shutdown()
         except Exception as e:
             logger.debug("DHT shutdown: %s", e)
         try:
-            await asyncio.wait_for(self._p2p.shutdown(), timeout=5)
+            async with asyncio.timeout(5):
+                await self._p2p.shutdown()
         except Exception as e:
             logger.warning("p2pd shutdown: %s", e)
         logger.debug("node %s shut down in %.2fs", self.peer_id, time.monotonic() - t0)

@@ -298,4 +298,3 @@ async def read_message(
         return await _read_frame(reader, limits)
     async with asyncio.timeout(timeout):  # no extra task per message, unlike wait_for
         return await _read_frame(reader, limits)
-    return await asyncio.wait_for(_read_frame(reader, limits), timeout)
