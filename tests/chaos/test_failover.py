@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -86,6 +88,8 @@ def test_sigkill_mid_generation_with_a_standby_server(swarm, model_path, prompt,
     procs = _start(swarm, model_path, (0, 4), (4, 8), (4, 8))
     with _client(swarm, model_path) as model, model.inference_session(max_length=64) as session:
         victim = _hop_server(procs, session, 1)
+        sockets = victim.info["sockets"]  # its p2pd's and its own control socket
+        assert len(sockets) == 2 and all(stat.S_ISSOCK(os.lstat(path).st_mode) for path in sockets)
         out = model.generate(
             prompt,
             max_new_tokens=NEW_TOKENS,
@@ -95,6 +99,8 @@ def test_sigkill_mid_generation_with_a_standby_server(swarm, model_path, prompt,
         assert session.remote.failovers == 1
         assert victim.peer_id not in [h.peer_id for h in session.remote.hops]
     assert torch.equal(out, expected)
+    # a killed server cannot remove its sockets from /tmp: the launcher that killed it did
+    assert not any(os.path.lexists(path) for path in sockets)
 
 
 def test_replacement_chain_has_different_boundaries(swarm, model_path, prompt, expected) -> None:  # type: ignore[no-untyped-def]

@@ -40,7 +40,8 @@ def bootstrap(args: argparse.Namespace) -> int:
             logger.info("bootstrap peer %s is up; others join with:", node.peer_id)
             for m in maddrs:
                 logger.info("  --initial-peers %s", m)
-            print("POTLUCK_READY " + json.dumps({"peer_id": node.peer_id, "maddrs": maddrs}), flush=True)
+            ready = {"peer_id": node.peer_id, "maddrs": maddrs, "sockets": node.socket_paths()}
+            print("POTLUCK_READY " + json.dumps(ready), flush=True)
             await stop.wait()
         finally:
             await node.shutdown()

@@ -1,7 +1,8 @@
 """Start a swarm of real processes on this machine (demo, benchmarks, tests) and always stop it.
 
-Each process runs in its own process group, so stopping or killing it also reaches its p2pd daemon: a killed
-server leaves nothing behind, as if its machine vanished.
+Each process runs in its own process group, so stopping or killing it also reaches its p2pd daemon, and the unix
+sockets a killed process could not remove are removed for it: a killed server leaves nothing behind, as if its
+machine vanished.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import contextlib
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -52,6 +54,14 @@ class SwarmProcess:
     def signal_group(self, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.popen.pid, sig)
+
+    def remove_sockets(self) -> None:
+        """Remove the unix sockets the process named in its readiness line (``sockets``) that are still there.
+        A clean stop removes its own; a killed process (and its p2pd) leaves them in /tmp. Only sockets go."""
+        for path in self.info.get("sockets", []):  # type: ignore[attr-defined]
+            with contextlib.suppress(OSError):
+                if stat.S_ISSOCK(os.lstat(path).st_mode):
+                    os.unlink(path)
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -168,6 +178,7 @@ class LocalSwarm:
         """SIGKILL the process and its p2pd: the machine vanished."""
         proc.signal_group(signal.SIGKILL)
         proc.popen.wait(timeout=10)
+        proc.remove_sockets()
 
     def freeze(self, proc: SwarmProcess) -> None:
         proc.signal_group(signal.SIGSTOP)
@@ -185,6 +196,7 @@ class LocalSwarm:
         proc.signal_group(signal.SIGKILL)  # whatever is left in the group (p2pd) goes too
         if proc.alive():
             proc.popen.wait(timeout=10)
+        proc.remove_sockets()
         return int(proc.popen.returncode or 0)
 
     def close(self) -> None:
@@ -199,6 +211,7 @@ class LocalSwarm:
             proc.signal_group(signal.SIGKILL)
             if proc.alive():
                 proc.popen.wait(timeout=10)
+            proc.remove_sockets()
 
 
 def _read_stdout(proc: SwarmProcess) -> None:

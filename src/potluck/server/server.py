@@ -260,6 +260,7 @@ class Server:
                         "end": span.end,
                         "maddrs": maddrs,
                         "metrics_port": metrics_port,
+                        "sockets": self.node.socket_paths(),  # for a launcher that kills us (LocalSwarm)
                     }
                 ),
                 flush=True,

@@ -212,6 +212,15 @@ class SwarmNode:
             maddrs = await self._p2p.get_visible_maddrs()
         return [str(m) for m in maddrs]
 
+    def socket_paths(self) -> list[str]:
+        """The unix socket files through which this process talks to its p2pd. A clean :meth:`shutdown` removes
+        them; a process killed outright leaves them in /tmp, for whoever killed it to remove (``LocalSwarm``)."""
+        paths = []
+        for name in ("_daemon_listen_maddr", "_client_listen_maddr"):  # hivemind keeps them private
+            with contextlib.suppress(Exception):
+                paths.append(str(getattr(self._p2p, name)["unix"]))
+        return paths
+
     # --- DHT ------------------------------------------------------------------------------------------
 
     @staticmethod
