@@ -55,11 +55,25 @@ def test_idle_cores_over_the_last_window(tmp_path: Path) -> None:
 
 def test_small_steps_take_idle_cores_large_ones_all(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(runtime, "_DEFAULT_THREADS", 4)
-    for idle, threads in [(0.0, 1), (0.4, 1), (0.6, 2), (1.5, 3), (3.0, 4), (7.0, 4)]:
+    # (idle cores of late, threads for a batch of several sessions, threads for one session's step)
+    for idle, batched, alone in [
+        (0.0, 1, 1),
+        (0.2, 1, 1),
+        (0.3, 1, 2),  # one session's pipeline partners take turns with it: a quarter-idle core is its own
+        (0.4, 1, 2),
+        (0.6, 2, 2),
+        (1.3, 2, 3),
+        (1.5, 3, 3),
+        (3.0, 4, 4),
+        (7.0, 4, 4),
+    ]:
         monkeypatch.setattr(runtime, "idle_cores", lambda idle=idle: idle)
-        assert runtime.threads_for(1) == threads, idle
-        assert runtime.threads_for(runtime.SMALL_STEP_TOKENS) == threads, idle
-        assert runtime.threads_for(runtime.SMALL_STEP_TOKENS + 1) == 4  # prefill, training: all threads
+        assert runtime.threads_for(1, sessions=3) == batched, idle
+        assert runtime.threads_for(runtime.SMALL_STEP_TOKENS, sessions=2) == batched, idle
+        assert runtime.threads_for(1) == alone, idle
+        assert runtime.threads_for(runtime.SMALL_STEP_TOKENS, sessions=1) == alone, idle
+        for sessions in (1, 2):  # prefill, training: all threads
+            assert runtime.threads_for(runtime.SMALL_STEP_TOKENS + 1, sessions) == 4
     monkeypatch.setattr(runtime, "_DEFAULT_THREADS", 1)
     monkeypatch.setattr(runtime, "idle_cores", lambda: 3.0)
     assert runtime.threads_for(1) == 1

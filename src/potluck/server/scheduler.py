@@ -258,7 +258,7 @@ class StepScheduler:
 
     def _run_batch(self, slots: list[Slot]) -> list[torch.Tensor]:
         """On the compute thread: prepare each cache (rollback, reorder, padding), then one forward."""
-        torch.set_num_threads(threads_for(sum(s.tokens * s.request.rows for s in slots)))
+        torch.set_num_threads(threads_for(sum(s.tokens * s.request.rows for s in slots), len(slots)))
         started, started_cpu = time.perf_counter(), time.thread_time()
         with torch.inference_mode():
             items = []
