@@ -17,7 +17,7 @@ from potluck.server.cache_budget import CacheBudget, CacheFullError
 from potluck.server.config import ServerConfig
 from potluck.server.handlers import ServerState
 from potluck.server.runtime import Runtime
-from potluck.server.scheduler import StepRequest, plan_batch, worth_waiting
+from potluck.server.scheduler import StepRequest, gather_until, plan_batch
 from potluck.server.sessions import Session, SessionClosedError
 from potluck.server.tuning import TuningInputs
 from potluck.wire import DEFAULT_LIMITS
@@ -65,17 +65,55 @@ def test_plan_batch_takes_one_group() -> None:
     assert [s.request for s in slots] == [x, x2]
 
 
-def test_worth_waiting_only_for_decode_batches_below_half_of_the_decoding_sessions() -> None:
-    steps = [_request(f"P{i}", 1) for i in range(4)]
+def _leading(requests: list[StepRequest]) -> list[StepRequest]:
+    for r in requests:
+        r.session.leads_chain = True
+    return requests
+
+
+def test_the_first_stage_waits_for_every_session_it_leads() -> None:
+    steps = _leading([_request(f"P{i}", 1) for i in range(4)])
+    recent = {r.session: 0.0 for r in steps}  # each sent its latest step at t=0
+    periods = {r.session: 0.1 for r in steps}  # and steps every 100 ms
+
+    def until(
+        queued: list[StepRequest], now: float = 0.05, deadline: float = 0.13, **kw: Any
+    ) -> float | None:
+        return gather_until(
+            _pending(queued), kw.get("recent", recent), kw.get("periods", periods), now, deadline, 0.0
+        )
+
+    assert until(steps[:1]) == pytest.approx(0.13)  # 3 of 4 missing: wait, at most until the deadline
+    assert until(steps[:3]) == pytest.approx(0.13)  # even one missing
+    assert until(steps) is None  # all queued: run
+    assert until(steps[:1], now=0.13) is None  # the deadline came
+    # a session that missed two of its turns has stopped (a chat waiting for its user): not waited for
+    assert until(steps[:1], now=0.21, deadline=0.3) is None
+    assert until(steps[:1], periods={}) == pytest.approx(0.13)  # no period yet (one step so far): waited for
+    lone = steps[0]
+    assert until([lone], recent={lone.session: 0.0}) is None  # a lone session never waits
+    assert until([]) is None
+    prefill = _leading([_request("P9", 5)])[0]
+    assert until([steps[0], prefill]) is None  # a prefill runs at once
+    other = _leading([_request("P8", 1, group="adapter-x")])[0]  # sessions of another group do not count
+    assert until(steps[:1], recent={lone.session: 0.0, other.session: 0.0}) is None
+
+
+def test_a_later_stage_waits_only_for_the_rest_of_a_burst() -> None:
+    steps = [_request(f"P{i}", 1) for i in range(4)]  # they reach this server from a previous one
     recent = {r.session: 0.0 for r in steps}
-    assert worth_waiting(_pending(steps[:1]), recent)  # 1 of 4 decoding sessions queued
-    assert not worth_waiting(_pending(steps[:2]), recent)  # half are: run
-    assert not worth_waiting(_pending(steps[:1]), {steps[0].session: 0.0})  # a lone session never waits
-    assert not worth_waiting(_pending([]), recent)
-    prefill = _request("P9", 5)
-    assert not worth_waiting(_pending([steps[0], prefill]), recent)  # a prefill runs at once
-    other = _request("P8", 1, group="adapter-x")  # sessions of another group do not count
-    assert not worth_waiting(_pending(steps[:1]), {steps[0].session: 0.0, other.session: 0.0})
+    periods = {r.session: 0.1 for r in steps}
+    # the latest arrival at 0.048: the burst may go on until 6 ms of quiet
+    assert gather_until(_pending(steps[:1]), recent, periods, 0.05, 0.13, 0.048) == pytest.approx(0.054)
+    assert gather_until(_pending(steps[:1]), recent, periods, 0.06, 0.13, 0.048) is None  # quiet: run
+    assert gather_until(_pending(steps), recent, periods, 0.05, 0.13, 0.048) is None  # all here
+    # a server that leads some sessions and relays others: while a relayed step is queued it does not wait for
+    # its missing leaders (the server holding them may be waiting for the relayed ones we hold)
+    leaders = _leading([_request(f"L{i}", 1) for i in range(2)])
+    both = {**recent, **{r.session: 0.0 for r in leaders}}
+    periods.update({r.session: 0.1 for r in leaders})
+    assert gather_until(_pending([*steps, leaders[0]]), both, periods, 0.05, 0.13, 0.048) is None
+    assert gather_until(_pending(leaders[:1]), both, periods, 0.05, 0.13, 0.048) == pytest.approx(0.13)
 
 
 @pytest.fixture(scope="module")
@@ -200,14 +238,15 @@ async def _late(steps: Any) -> None:
 
 
 def test_a_decode_batch_waits_for_the_other_decoding_sessions(model: LocalCausalLM) -> None:
-    """Three sessions decode together; two of them reach the server 30 ms after the first. With a wait (one of
-    three is under half) they run as one batch each step; without one, the first runs alone. Outputs are exact
-    either way."""
+    """Three sessions this server leads decode together; two of them reach the server 30 ms after the first. With
+    a wait they run as one batch each step; without one, the first runs alone. Outputs are exact either way."""
 
     async def run(batch_wait_ms: float) -> tuple[list[list[int]], int, int]:
         runtime = Runtime()
         state = _state(model, runtime, batch_wait_ms=batch_wait_ms)
         sessions = [await _open(state, peer=f"peer-{i}") for i in range(3)]
+        for session in sessions:
+            session.leads_chain = True  # their clients send each step here first
         ids = [torch.tensor([[5, 6, 7]]), torch.tensor([[9, 8]]), torch.tensor([[4]])]
         out: list[list[int]] = [[], [], []]
 

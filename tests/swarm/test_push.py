@@ -16,8 +16,9 @@ from transformers import AutoModelForCausalLM
 
 from potluck import AutoDistributedModelForCausalLM
 from potluck.cli.local_swarm import LocalSwarm, SwarmProcess
+from potluck.client import inference as client_inference
 from potluck.client import push as client_push
-from potluck.wire import PushTarget
+from potluck.wire import InferenceStep, PushTarget
 
 pytestmark = [pytest.mark.swarm]
 
@@ -64,14 +65,45 @@ def _client(swarm: LocalSwarm, model_path: str, **kwargs: Any) -> Any:
     )
 
 
-def test_pushed_greedy_generation_equals_transformers(swarm, model_path, prompt, expected) -> None:  # type: ignore[no-untyped-def]
+def _record_steps(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, InferenceStep]]:
+    """(writer, step) of every inference step the client sends itself, pushed or relayed."""
+    sent: list[tuple[Any, InferenceStep]] = []
+    for module in (client_push, client_inference):
+        original = module.write_message
+
+        async def recording(
+            writer: Any, msg: Any, *args: Any, _original: Any = original, **kwargs: Any
+        ) -> None:
+            if isinstance(msg, InferenceStep):
+                sent.append((writer, msg))
+            await _original(writer, msg, *args, **kwargs)
+
+        monkeypatch.setattr(module, "write_message", recording)
+    return sent
+
+
+def _starts(sent: list[tuple[Any, InferenceStep]], hops: list[Any]) -> dict[int, set[bool]]:
+    """Per hop index, the ``chain_start`` values of the steps the client sent it."""
+    index = {id(h.writer): i for i, h in enumerate(hops)}
+    starts: dict[int, set[bool]] = {}
+    for writer, step in sent:
+        starts.setdefault(index[id(writer)], set()).add(step.chain_start)
+    return starts
+
+
+def test_pushed_greedy_generation_equals_transformers(
+    swarm, model_path, prompt, expected, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
     local, _ = swarm
+    sent = _record_steps(monkeypatch)
     with _client(local, model_path) as model, model.inference_session(max_length=64) as session:
         out = model.generate(prompt, max_new_tokens=NEW_TOKENS, eos_token_id=None)
         remote = session.remote
         assert len(remote.hops) == 3
         assert remote.pushed_steps == NEW_TOKENS  # the prefill and every decode step went by push
         assert not any(h.push_off for h in remote.hops) and remote.failovers == 0
+        # only the first server hears from us, and it is told that it starts the chain (it gathers batches)
+        assert _starts(sent, remote.hops) == {0: {True}}
     assert torch.equal(out, expected)
 
 
@@ -100,11 +132,13 @@ def test_server_that_cannot_reach_or_is_refused_by_the_next_falls_back(  # type:
     assert torch.equal(out, expected)
 
 
-def test_push_off_in_the_client_relays_every_hop(swarm, model_path, prompt, expected) -> None:  # type: ignore[no-untyped-def]
+def test_push_off_in_the_client_relays_every_hop(swarm, model_path, prompt, expected, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     local, _ = swarm
+    sent = _record_steps(monkeypatch)
     with _client(local, model_path, push=False) as model, model.inference_session(max_length=64) as session:
         out = model.generate(prompt, max_new_tokens=4, eos_token_id=None)
         assert session.remote.pushed_steps == 0
+        assert _starts(sent, session.remote.hops) == {0: {True}, 1: {False}, 2: {False}}
     assert torch.equal(out, expected[:, : prompt.shape[1] + 4])
 
 

@@ -213,8 +213,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     limits.add_argument(
         "--batch-wait-ms", type=float, default=_S.batch_wait_ms,
-        help="longest a decode batch waits for more of the span's decoding sessions (until half of them have a "
-        "step queued; a lone session never waits); 0: never wait",
+        help="longest a decode batch waits for more decoding sessions (the first server of their chains for all "
+        "of them, a later one for the rest of a burst; a lone session never waits); 0: never wait",
     )  # fmt: skip
     limits.add_argument(
         "--max-alloc-timeout", type=float, default=_S.max_alloc_timeout,

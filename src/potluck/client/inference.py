@@ -329,6 +329,7 @@ class RemoteInferenceSession:
                         position=position + offset,
                         pads=self.pads,
                         hypo_ids=hop.pending_hypo if offset == 0 else None,
+                        chain_start=hop is self.hops[0],
                     )
                     await write_message(hop.writer, step, [piece], cfg.compression)
                     msg, tensors = await read_step_reply(hop)

@@ -137,7 +137,7 @@ async def pushed_step(
                 if not pushed_in:  # the first hop, or the previous one could not push: we send it
                     step = InferenceStep(
                         step_id=step_id, position=position, pads=session.pads, hypo_ids=hop.pending_hypo,
-                        push=pushes,
+                        push=pushes, chain_start=j == 0,
                     )  # fmt: skip
                     await write_message(hop.writer, step, [x], cfg.compression)
                 msg, tensors = await read_step_reply(hop)

@@ -60,8 +60,9 @@ class ServerConfig:
     # rows x tokens one batched forward of inference steps may carry; longer prefills are cut into chunks of
     # this size that run between other sessions' decode steps (continuous batching, chunked prefill)
     step_token_budget: int = 256
-    # a decode-only batch waits up to this long (ms) while fewer than half of the span's decoding sessions have a
-    # step queued (server/scheduler.py:worth_waiting): larger batches for the price of this much latency; 0: never
+    # a decode-only batch waits up to this long (ms) for the steps of the sessions whose chains start here, or
+    # for the rest of a burst from the previous server (server/scheduler.py:gather_until): larger batches for
+    # the price of at most this much latency; 0: never
     batch_wait_ms: float = 80.0
     adapters: tuple[str, ...] = ()  # PEFT LoRA adapter dirs to preload; clients pick one by its dir name
     # payload bytes of incoming frames buffered at once over all streams; past it, frames are refused at the header

@@ -51,6 +51,9 @@ class Session:
     closed: SessionClosedError | None = None  # why the server closed it, if it did
     last_active: float = field(default_factory=time.monotonic)  # when a step of it last arrived or finished
     busy: int = 0  # steps of it queued or computing now (a busy session is never idle)
+    # its latest step came from the client as the first hop of its chain (InferenceStep.chain_start): a decode
+    # batch here waits for all such sessions (server/scheduler.py:gather_until)
+    leads_chain: bool = False
 
     @property
     def tokens(self) -> int:

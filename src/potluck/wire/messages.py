@@ -107,6 +107,10 @@ class InferenceStep(Message):
     # push (wire/push.py): after the step, send the output to the next server the client configured (and a copy
     # to the client); that server runs it as its own step with the same step_id, position, hypo_ids and pads
     push: bool = False
+    # the client sent this step to the first server of its chain (relayed or pushed); a hint for batching only
+    # (server/scheduler.py:gather_until): that server gathers a full decode batch of such steps, later
+    # ones only a burst
+    chain_start: bool = False
 
 
 class InferenceStepResult(Message):
