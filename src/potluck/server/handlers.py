@@ -374,8 +374,8 @@ class Handlers:
             ):
                 raise BadRequest(f"pads must be {opened.batch_size} integers in 0..{cache.max_length}")
             del cache  # the session owns it: a move may drop it while this step waits
+            session.leads_chain = msg.chain_start
             try:
-                session.leads_chain = msg.chain_start
                 out = await self.s.scheduler.step(session, hidden, msg.position, hypo_ids, msg.pads)
             except SessionClosedError as e:
                 raise BadRequest(str(e), e.code, retryable=True) from None

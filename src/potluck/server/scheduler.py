@@ -137,8 +137,8 @@ def gather_until(
       (the weights stream once), so the first stage gathers its sessions into one batch, which then travels the
       chain whole. Left to themselves, a pipeline's sessions settle into groups, one per stage, and every server
       runs several small batches per token: on ``potluck bench serve`` ~3.9 of 8 sessions per batch, against
-      7.2-7.3 with this rule. A session whose last step is older than ``MISSED_TURNS`` of its periods has stopped (a chat
-      waiting for its user) and is not waited for;
+      7.2-7.3 with this rule. A session whose last step is older than ``MISSED_TURNS`` of its periods has stopped
+      (a chat waiting for its user) and is not waited for;
     * for the sessions that reach us from a previous stage, while one of them is queued and others are not, until
       ``BURST_GAP_S`` after the latest arrival: their steps come in a burst (one batch's outputs, pushed one by
       one), and running the first arrival alone splits it (measured: 2.2 sessions per batch without waiting). A
@@ -203,14 +203,14 @@ class StepScheduler:
         pads: list[int] | None = None,
     ) -> torch.Tensor:
         """Queue one step of ``session``; returns its output ``[B, T, H]`` (on CPU, in ``hidden``'s dtype)."""
-        session.last_active = time.monotonic()
+        now = time.monotonic()
+        session.last_active = now
         future: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
         request = StepRequest(session, hidden, position, hypo_ids, pads, future)
         if session.peer not in self._pending:
             self._pending[session.peer] = collections.deque()
             self._peers.append(session.peer)
         self._pending[session.peer].append(request)
-        now = time.monotonic()
         if self.batch_wait > 0:  # pruned in _gather, which then runs before every batch
             last = self._recent.get(session)
             if last is not None:
